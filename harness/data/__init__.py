@@ -1,0 +1,1 @@
+"""Benchmark data: downloads with checksums, a user cache, annotation parsing."""

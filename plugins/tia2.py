@@ -1,0 +1,288 @@
+"""The TIA2 benchmark (Kim et al., ICLR 2024): comprehensive, counting and composition subsets.
+
+550 prompts x 50 Stable Diffusion 2.1 images, three human alignment labels per image. The
+annotations come from ``data_dir`` (the layout of the authors' kykim0/TextNorm repository) or are
+downloaded from that repository at the revision pinned in ``registry/benchmarks/tia2.yaml`` and
+checked against the sha256 sums recorded there. Labels: 1 aligned, 0 not aligned, -1 (rare,
+undocumented) is read as "not 1". An image is aligned (``binary`` = 1) when at least two of its
+three labels are 1; ``graded`` is the mean of the three labels with -1 counted as 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from harness.data.download import cache_dir, fetch, sha256_file
+from harness.errors import HarnessError, did_you_mean
+from harness.hookspecs import hookimpl
+from harness.metrics import METRICS
+from harness.types import Benchmark, BenchmarkData
+
+log = logging.getLogger("harness.tia2")
+
+_IMAGE_RE = re.compile(r"^image_(\d+)_(\d+)_(\d+)\.jpg$")
+
+
+def _card() -> dict[str, Any]:
+    from harness_registry import load_card
+
+    return load_card("benchmarks", "tia2")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise HarnessError(
+            f"malformed annotation file {path}: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            " (truncated or not JSON; re-download it or pass the original --data folder)"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"malformed annotation file {path}: not UTF-8 text") from exc
+    except OSError as exc:
+        raise HarnessError(f"cannot read annotation file {path}: {exc.strerror}") from exc
+
+
+class TIA2(Benchmark):
+    """TIA2: text-image alignment assessment with three human labels per image."""
+
+    id: ClassVar[str] = "tia2"
+    subsets: ClassVar[tuple[str, ...]] = ("comprehensive", "counting", "composition")
+    description: ClassVar[str] = "TIA2 text-image alignment (550 prompts, 27,500 SD2.1 images)"
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        cache: str | Path | None = None,
+        base_url: str | None = None,
+    ):
+        self.card = _card()
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        revision = self.card["source"]["revision"]
+        self.base_url = (
+            base_url
+            or os.environ.get("HARNESS_TIA2_BASE_URL")
+            or self.card["source"]["base_url"].format(revision=revision)
+        )
+        if not self.base_url.endswith("/"):
+            self.base_url += "/"
+        self.cache = Path(cache) if cache is not None else cache_dir() / "tia2" / revision[:12]
+        self.expected: dict[str, str] = dict(self.card["files"])
+        self.checksums: dict[str, str] = {}
+        self.checksum_mismatches: list[str] = []
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise HarnessError(
+                f"TIA2 data folder '{self.data_dir}' does not exist or is not a folder "
+                "(expected human_annotations/, prompts/ and alignment_scores/ inside it)"
+            )
+
+    @property
+    def source(self) -> str:
+        return str(self.data_dir) if self.data_dir is not None else self.base_url
+
+    # -- files -----------------------------------------------------------------------------
+    def check_subsets(self, subsets: Sequence[str] | None) -> list[str]:
+        if not subsets:
+            return list(self.subsets)
+        out = []
+        for s in subsets:
+            if s not in self.subsets:
+                raise HarnessError(
+                    f"unknown TIA2 subset '{s}'.{did_you_mean(s, self.subsets)} "
+                    f"Subsets: {', '.join(self.subsets)}"
+                )
+            if s not in out:
+                out.append(s)
+        return out
+
+    def file(self, relpath: str) -> Path:
+        """Local path of one annotation file (downloaded into the cache when no data_dir)."""
+        expected = self.expected.get(relpath)
+        if self.data_dir is not None:
+            path = self.data_dir / relpath
+            if not path.is_file():
+                raise HarnessError(
+                    f"missing TIA2 file {path} (the --data folder must have the layout of "
+                    "kykim0/TextNorm: human_annotations/, prompts/, alignment_scores/)"
+                )
+        else:
+            path = fetch(self.base_url + relpath, self.cache / relpath, expected)
+        if relpath not in self.checksums:
+            digest = sha256_file(path)
+            self.checksums[relpath] = digest
+            if expected is not None and digest != expected:
+                self.checksum_mismatches.append(relpath)
+                log.warning(
+                    "TIA2 file %s differs from the released version (sha256 %s, expected %s)",
+                    path, digest[:12], expected[:12],
+                )
+        return path
+
+    # -- annotations -----------------------------------------------------------------------
+    def load(self, subsets: Sequence[str] | None = None) -> BenchmarkData:
+        frames = []
+        contrastive: dict[tuple[str, str], list[str]] = {}
+        for subset in self.check_subsets(subsets):
+            frames.append(self._load_labels(subset))
+            contrastive.update(self._load_prompt_sets(subset))
+        images = pd.concat(frames, ignore_index=True)
+        images["subset"] = pd.Categorical(images["subset"], categories=list(self.subsets))
+        missing_sets = sorted(
+            {(s, p) for s, p in zip(images["subset"], images["prompt"], strict=True)}
+            - set(contrastive)
+        )
+        if missing_sets:
+            s, p = missing_sets[0]
+            log.warning("%d TIA2 prompts have no contrastive prompt set, e.g. %s: %r",
+                        len(missing_sets), s, p)
+        return BenchmarkData(
+            benchmark=self.id,
+            images=images,
+            contrastive=contrastive,
+            files=dict(self.checksums),
+            source=self.source,
+        )
+
+    def _load_labels(self, subset: str) -> pd.DataFrame:
+        relpath = f"human_annotations/human_labels_{subset}.json"
+        path = self.file(relpath)
+        raw = _read_json(path)
+        if not isinstance(raw, dict) or not raw:
+            raise HarnessError(f"malformed annotation file {path}: expected a non-empty object")
+        rows = []
+        for name, entry in raw.items():
+            m = _IMAGE_RE.match(name)
+            labels = entry.get("human_labels") if isinstance(entry, dict) else None
+            caption = entry.get("caption") if isinstance(entry, dict) else None
+            if (
+                m is None
+                or not isinstance(caption, str)
+                or not isinstance(labels, list)
+                or len(labels) != 3
+                or any(lab not in (-1, 0, 1) or isinstance(lab, bool) for lab in labels)
+            ):
+                raise HarnessError(
+                    f"malformed annotation file {path}: entry '{name}' must be "
+                    "image_<p>_<j>_<k>.jpg -> {caption: str, human_labels: [3 x -1/0/1]}"
+                )
+            rows.append((int(m[1]), int(m[2]), int(m[3]), name, caption, *labels))
+        df = pd.DataFrame(
+            rows, columns=["prompt_id", "j", "k", "image", "prompt", "label_0", "label_1", "label_2"]
+        )
+        per_prompt = df.groupby("prompt_id")["prompt"].nunique()
+        if (per_prompt > 1).any():
+            bad = int(per_prompt[per_prompt > 1].index[0])
+            raise HarnessError(f"malformed annotation file {path}: prompt {bad} has several captions")
+        df = df.sort_values(["prompt_id", "j", "k"], kind="stable").reset_index(drop=True)
+        labels = df[["label_0", "label_1", "label_2"]].to_numpy()
+        df[["label_0", "label_1", "label_2"]] = labels.astype(np.int8)
+        df["binary"] = ((labels == 1).sum(1) >= 2).astype(np.int8)
+        df["graded"] = (labels == 1).mean(1).astype(np.float64)
+        df.insert(0, "subset", subset)
+        return df.drop(columns=["j", "k"])
+
+    def _load_prompt_sets(self, subset: str) -> dict[tuple[str, str], list[str]]:
+        path = self.file(f"prompts/prompt_set_{subset}.json")
+        raw = _read_json(path)
+        if not isinstance(raw, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw.values()
+        ):
+            raise HarnessError(
+                f"malformed prompt-set file {path}: expected {{prompt: [contrastive prompts]}}"
+            )
+        return {(subset, prompt): list(v) for prompt, v in raw.items()}
+
+    def reported(self, subsets: Sequence[str] | None = None) -> pd.DataFrame:
+        """The paper's released per-prompt metrics (``alignment_scores_<subset>.json``).
+
+        :returns: long table with columns ``subset, method, prompt`` + METRICS + ``scale``,
+            ``lambda`` (TextNorm's per-prompt hyperparameters; NaN for other methods).
+        """
+        rows = []
+        for subset in self.check_subsets(subsets):
+            path = self.file(f"alignment_scores/alignment_scores_{subset}.json")
+            raw = _read_json(path)
+            if not isinstance(raw, dict):
+                raise HarnessError(f"malformed metrics file {path}: expected an object")
+            for prompt, methods in raw.items():
+                if not isinstance(methods, dict):
+                    raise HarnessError(f"malformed metrics file {path}: prompt {prompt!r}")
+                for method, values in methods.items():
+                    if not isinstance(values, dict):
+                        continue  # e.g. "human": the share of aligned images
+                    try:
+                        row = {"subset": subset, "method": method, "prompt": prompt}
+                        row.update({m: float(values[m]) for m in METRICS})
+                    except (KeyError, TypeError, ValueError) as exc:
+                        raise HarnessError(
+                            f"malformed metrics file {path}: {method} of prompt {prompt!r} "
+                            f"lacks a numeric {exc}"
+                        ) from exc
+                    row["scale"] = float(values.get("scale", np.nan))
+                    row["lambda"] = float(values.get("lambda", np.nan))
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    # -- images ----------------------------------------------------------------------------
+    def resolve_images(
+        self, data: BenchmarkData, images_dir: str | Path, skip_missing: bool = False
+    ) -> tuple[BenchmarkData, list[str]]:
+        """Find every image under ``images_dir/<subset>/`` (or ``images_dir/`` for one subset).
+
+        :returns: the data with a ``path`` column (rows without an image dropped when
+            ``skip_missing``) and the missing images as ``<subset>/<file>``.
+        :raises HarnessError: when images are missing and ``skip_missing`` is False.
+        """
+        root = Path(images_dir).expanduser()
+        if not root.is_dir():
+            raise HarnessError(f"images folder '{root}' does not exist or is not a folder")
+        images = data.images
+        subsets = [s for s in self.subsets if (images["subset"] == s).any()]
+        flat_users = [s for s in subsets if not (root / s).is_dir()]
+        if len(flat_users) > 1:
+            raise HarnessError(
+                f"images folder '{root}' has no per-subset folders for {', '.join(flat_users)}: "
+                "TIA2 file names repeat across subsets, so put each subset's images in "
+                f"{root}/<subset>/"
+            )
+        listing: dict[str, set[str]] = {}
+        for s in subsets:
+            folder = root / s if (root / s).is_dir() else root
+            with os.scandir(folder) as it:
+                listing[s] = {e.name for e in it if e.is_file()}
+        paths, missing = [], []
+        for s, name in zip(images["subset"], images["image"], strict=True):
+            folder = root / s if s not in flat_users else root
+            if name in listing[s]:
+                paths.append(str(folder / name))
+            else:
+                paths.append(None)
+                missing.append(f"{s}/{name}")
+        if missing and not skip_missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise HarnessError(
+                f"{len(missing)} of {len(images)} TIA2 images are missing under '{root}': "
+                f"{shown} (pass --skip-missing to score the rest)"
+            )
+        out = images.assign(path=paths)
+        out = out[out["path"].notna()].reset_index(drop=True)
+        resolved = BenchmarkData(
+            benchmark=data.benchmark, images=out, contrastive=data.contrastive,
+            files=data.files, source=data.source,
+        )
+        return resolved, missing
+
+
+@hookimpl
+def register_benchmarks(register):
+    register(TIA2)
