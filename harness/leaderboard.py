@@ -1,0 +1,155 @@
+"""The leaderboard: reward models (and the paper's reported numbers) against human labels.
+
+Rows are methods, columns the seven metrics of :mod:`harness.metrics` with bootstrap confidence
+intervals over prompts, per benchmark subset. Sources:
+
+- ``reported``: the mean of the per-prompt metrics the benchmark's authors released;
+- ``human``: leave-one-annotator-out agreement (:mod:`harness.agreement`).
+
+Use :func:`leaderboard` for a DataFrame, :func:`run_leaderboard` for the full result (per-prompt
+table, manifest) and, with ``out=``, a run folder written by :mod:`harness.report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.agreement import human_agreement
+from harness.errors import HarnessError
+from harness.metrics import METRICS, aggregate
+from harness.plugins import get_plugins
+
+ROW_KEYS = ("subset", "method", "source", "n_prompts", *METRICS, *(f"{m}_ci" for m in METRICS))
+PER_PROMPT_KEYS = ("subset", "method", "source", "prompt", "n_images", "n_positive", *METRICS)
+
+
+@dataclass
+class LeaderboardResult:
+    rows: pd.DataFrame  #: one row per (subset, method, source); columns ROW_KEYS
+    per_prompt: pd.DataFrame  #: one row per (subset, method, source, prompt); PER_PROMPT_KEYS
+    manifest: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def _rows_for(per_prompt: pd.DataFrame, n_boot: int, seed: int, confidence: float) -> list[dict]:
+    rows = []
+    for (subset, method, source), group in per_prompt.groupby(
+        ["subset", "method", "source"], sort=False, observed=True
+    ):
+        agg = aggregate(group, n_boot=n_boot, seed=seed, confidence=confidence)
+        rows.append({"subset": subset, "method": method, "source": source, **agg})
+    return rows
+
+
+def run_leaderboard(
+    benchmark: str = "tia2",
+    *,
+    data: str | Path | None = None,
+    subsets: Sequence[str] | None = None,
+    images: str | Path | None = None,
+    skip_missing: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    include_reported: bool = True,
+    include_human: bool = True,
+    out: str | Path | None = None,
+    plots: bool = True,
+) -> LeaderboardResult:
+    """Build the leaderboard of ``benchmark``; write a run folder when ``out`` is given.
+
+    :param data: annotation folder; downloaded into the user cache when None.
+    :param images: image folder, checked for completeness (needed to score models).
+    :param n_boot: bootstrap resamples over prompts for the CIs (0 disables them).
+    """
+    if n_boot < 0:
+        raise HarnessError(f"--bootstrap must be >= 0, got {n_boot}")
+    if not 0.0 < confidence < 1.0:
+        raise HarnessError(f"--confidence must be between 0 and 1, got {confidence}")
+    bench = get_plugins().benchmarks.get(benchmark)(data_dir=data)
+    subsets = bench.check_subsets(subsets) if hasattr(bench, "check_subsets") else subsets
+    loaded = bench.load(subsets)
+    missing: list[str] = []
+    if images is not None:
+        loaded, missing = bench.resolve_images(loaded, images, skip_missing=skip_missing)
+    labels = loaded.images
+    counts = (
+        labels.groupby(["subset", "prompt"], observed=True)["binary"]
+        .agg(n_images="size", n_positive="sum")
+        .reset_index()
+    )
+
+    parts: list[pd.DataFrame] = []
+    notes: list[str] = []
+    if include_reported:
+        reported = bench.reported(subsets)
+        if not reported.empty:
+            reported = reported.merge(counts, on=["subset", "prompt"], how="left")
+            reported["source"] = "reported"
+            parts.append(reported)
+            tuned = reported[reported["scale"].notna()]
+            for (subset, method), g in tuned.groupby(["subset", "method"], observed=True):
+                notes.append(
+                    f"{subset}/{method} (reported): released per-prompt hyperparameters "
+                    f"scale in [{g['scale'].min():g}, {g['scale'].max():g}]"
+                    + (f", lambda in [{g['lambda'].min():g}, {g['lambda'].max():g}]"
+                       if g["lambda"].notna().any() else "")
+                    + "; if chosen per prompt against the labels they are oracle-tuned"
+                )
+    if include_human:
+        human = human_agreement(labels)
+        human["method"] = "human"
+        human["source"] = "human"
+        parts.append(human)
+    if not parts:
+        raise HarnessError("nothing to put on the leaderboard: no reported rows and no human row")
+    per_prompt = pd.concat([p[list(PER_PROMPT_KEYS)] for p in parts], ignore_index=True)
+    order = {s: i for i, s in enumerate(bench.subsets)}
+    per_prompt = per_prompt.sort_values(
+        "subset", key=lambda s: s.map(order), kind="stable"
+    ).reset_index(drop=True)
+    per_prompt["subset"] = per_prompt["subset"].astype(str)
+
+    rows = pd.DataFrame(_rows_for(per_prompt, n_boot, seed, confidence), columns=list(ROW_KEYS))
+    config = {
+        "benchmark": benchmark,
+        "subsets": list(subsets or bench.subsets),
+        "data": str(data) if data is not None else None,
+        "images": str(images) if images is not None else None,
+        "skip_missing": skip_missing,
+        "bootstrap": n_boot,
+        "confidence": confidence,
+        "include_reported": include_reported,
+        "include_human": include_human,
+    }
+    from harness.manifest import build_manifest
+
+    manifest = build_manifest(
+        config,
+        seed,
+        {
+            "source": loaded.source,
+            "files": loaded.files,
+            "checksum_mismatches": list(getattr(bench, "checksum_mismatches", [])),
+            "n_images": int(len(labels)),
+            "missing_images": len(missing),
+        },
+    )
+    result = LeaderboardResult(rows, per_prompt, manifest, notes, missing)
+    if out is not None:
+        from harness.report import write_run
+
+        result.run_dir = write_run(out, result, plots=plots)
+    return result
+
+
+def leaderboard(benchmark: str = "tia2", **kwargs: Any) -> pd.DataFrame:
+    """The leaderboard as a DataFrame (one row per subset, method and source)."""
+    return run_leaderboard(benchmark, **kwargs).rows

@@ -1,0 +1,218 @@
+"""Writing and rendering a leaderboard run folder.
+
+A run folder holds ``manifest.json``, ``leaderboard.{json,csv,md,html}``, ``per_prompt.csv`` and
+``plots/<metric>.png``. Every file is written atomically, and only after all numbers are
+computed, so a failed run never leaves a half-written file or clobbers an earlier one.
+
+``leaderboard.json`` schema: a list of rows, each
+``{"subset", "method", "source", "n_prompts", <metric>: float, "<metric>_ci": [low, high]}``
+for the metrics auroc, auprc, ap5, ap10, ap25, spearman, kendall.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from harness.atomic import atomic_path, write_json, write_text
+from harness.errors import HarnessError
+from harness.metrics import METRICS
+
+if TYPE_CHECKING:
+    from harness.leaderboard import LeaderboardResult
+
+METRIC_LABELS = {
+    "auroc": "AUROC", "auprc": "AUPRC", "ap5": "AP@5", "ap10": "AP@10", "ap25": "AP@25",
+    "spearman": "Spearman", "kendall": "Kendall",
+}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value
+
+
+def rows_as_records(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _clean(v) for k, v in rec.items()} for rec in rows.to_dict(orient="records")]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_ci(ci: Any, digits: int = 3) -> str:
+    if not isinstance(ci, (list, tuple)) or any(v is None or math.isnan(v) for v in ci):
+        return ""
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def render_markdown(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "") -> str:
+    lines = [f"# {title}", ""] if title else []
+    header = "| method | source | prompts | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |"
+    rule = "|---|---|---:|" + "---:|" * len(METRICS)
+    for subset, group in rows.groupby("subset", sort=False):
+        lines += [f"## {subset}", "", header, rule]
+        for _, r in group.iterrows():
+            cells = [f"{_fmt(r[m])} {_fmt_ci(r[f'{m}_ci'])}".strip() for m in METRICS]
+            lines.append(f"| {r['method']} | {r['source']} | {r['n_prompts']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Values are unweighted means over prompts with both binary classes; brackets "
+                 "hold 95% percentile-bootstrap intervals over prompts.")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "") -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title or 'leaderboard')}</title>",
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,td:nth-child(2){text-align:left}small{color:#666}</style>",
+        "</head><body>",
+    ]
+    if title:
+        parts.append(f"<h1>{html.escape(title)}</h1>")
+    for subset, group in rows.groupby("subset", sort=False):
+        parts.append(f"<h2>{html.escape(str(subset))}</h2><table><tr><th>method</th><th>source</th>"
+                     "<th>prompts</th>" + "".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "</tr>")
+        for _, r in group.iterrows():
+            cells = "".join(
+                f"<td>{_fmt(r[m])}<br><small>{_fmt_ci(r[f'{m}_ci'])}</small></td>" for m in METRICS
+            )
+            parts.append(f"<tr><td>{html.escape(str(r['method']))}</td><td>{html.escape(str(r['source']))}</td>"
+                         f"<td>{r['n_prompts']}</td>{cells}</tr>")
+        parts.append("</table>")
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def plot_rows(rows: pd.DataFrame, plots_dir: Path) -> list[Path]:
+    """One PNG per metric: grouped bars (subset x method) with CI whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    subsets = list(dict.fromkeys(rows["subset"]))
+    labels = list(dict.fromkeys(f"{m} ({s})" for m, s in zip(rows["method"], rows["source"], strict=True)))
+    width = 0.8 / max(1, len(labels))
+    cmap = plt.get_cmap("tab10")
+    for metric in METRICS:
+        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(subsets) + 2), 4))
+        for i, label in enumerate(labels):
+            xs, ys, lo, hi = [], [], [], []
+            for j, subset in enumerate(subsets):
+                r = rows[(rows["subset"] == subset)
+                         & ((rows["method"] + " (" + rows["source"] + ")") == label)]
+                if r.empty or r.iloc[0][metric] is None or pd.isna(r.iloc[0][metric]):
+                    continue
+                val = float(r.iloc[0][metric])
+                ci = r.iloc[0][f"{metric}_ci"]
+                xs.append(j - 0.4 + width * (i + 0.5))
+                ys.append(val)
+                ok = isinstance(ci, (list, tuple)) and not any(c is None or pd.isna(c) for c in ci)
+                lo.append(val - ci[0] if ok else 0.0)
+                hi.append(ci[1] - val if ok else 0.0)
+            ax.bar(xs, ys, width=width, color=cmap(i % 10), label=label,
+                   yerr=np.array([lo, hi]), capsize=2, ecolor="black")
+        ax.set_xticks(range(len(subsets)), subsets)
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_title(f"{METRIC_LABELS[metric]} per subset (95% bootstrap CI)")
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = plots_dir / f"{metric}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) -> Path:
+    """Write the run folder ``out`` (created if needed); returns its path."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise HarnessError(f"--out '{out}' exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror}") from exc
+    title = f"{result.manifest['config'].get('benchmark', '')} leaderboard".strip()
+    records = rows_as_records(result.rows)
+    csv_rows = result.rows.copy()
+    for m in METRICS:
+        ci = csv_rows.pop(f"{m}_ci")
+        csv_rows[f"{m}_ci_low"] = [c[0] for c in ci]
+        csv_rows[f"{m}_ci_high"] = [c[1] for c in ci]
+    write_json(out / "manifest.json", result.manifest)
+    write_json(out / "leaderboard.json", records)
+    write_text(out / "leaderboard.csv", csv_rows.to_csv(index=False))
+    write_text(out / "leaderboard.md", render_markdown(result.rows, result.notes, title))
+    write_text(out / "leaderboard.html", render_html(result.rows, result.notes, title))
+    write_text(out / "per_prompt.csv", result.per_prompt.to_csv(index=False))
+    if plots:
+        plot_rows(result.rows, out / "plots")
+    return out
+
+
+def load_rows(run_dir: str | Path) -> pd.DataFrame:
+    """Read ``leaderboard.json`` of a run folder back into a DataFrame."""
+    path = Path(run_dir) / "leaderboard.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise HarnessError(f"no leaderboard.json in '{run_dir}' (is it a run folder?)") from exc
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"malformed {path}: {exc.msg} at line {exc.lineno}") from exc
+    rows = pd.DataFrame(records)
+    for m in METRICS:
+        rows[m] = rows[m].astype(float)
+        rows[f"{m}_ci"] = [[float("nan") if v is None else v for v in ci] for ci in rows[f"{m}_ci"]]
+    return rows
+
+
+def render_terminal(rows: pd.DataFrame, console: Any = None, notes: list[str] | None = None) -> None:
+    """Print one rich table per subset."""
+    import sys
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    # Piped output has no terminal width; rich would squeeze the table into 80 columns.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    for subset, group in rows.groupby("subset", sort=False):
+        table = Table(title=f"{subset}", title_justify="left", header_style="bold",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("method")
+        table.add_column("source")
+        table.add_column("n", justify="right")
+        for m in METRICS:
+            table.add_column(METRIC_LABELS[m], justify="right")
+        for _, r in group.iterrows():
+            table.add_row(
+                str(r["method"]), str(r["source"]), str(r["n_prompts"]),
+                *(f"{_fmt(r[m])}\n[dim]{_fmt_ci(r[f'{m}_ci'], 2)}[/dim]" for m in METRICS),
+            )
+        console.print(table)
+    for n in notes or []:
+        console.print(f"[dim]note: {n}[/dim]")
