@@ -31,7 +31,8 @@ PER_PROMPT_KEYS = ("subset", "method", "source", "prompt", "n_images", "n_positi
 @dataclass
 class LeaderboardResult:
     rows: pd.DataFrame  #: one row per (subset, method, source); columns ROW_KEYS
-    per_prompt: pd.DataFrame  #: one row per (subset, method, source, prompt); PER_PROMPT_KEYS
+    #: one row per (subset, method, source, prompt) with both binary classes; PER_PROMPT_KEYS
+    per_prompt: pd.DataFrame
     manifest: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
@@ -111,6 +112,8 @@ def run_leaderboard(
     if not parts:
         raise HarnessError("nothing to put on the leaderboard: no reported rows and no human row")
     per_prompt = pd.concat([p[list(PER_PROMPT_KEYS)] for p in parts], ignore_index=True)
+    # Only prompts with both binary classes enter the means (AUROC is undefined otherwise).
+    per_prompt = per_prompt[per_prompt["auroc"].notna()]
     order = {s: i for i, s in enumerate(bench.subsets)}
     per_prompt = per_prompt.sort_values(
         "subset", key=lambda s: s.map(order), kind="stable"
@@ -136,7 +139,7 @@ def run_leaderboard(
         seed,
         {
             "source": loaded.source,
-            "files": loaded.files,
+            "files": dict(getattr(bench, "checksums", None) or loaded.files),
             "checksum_mismatches": list(getattr(bench, "checksum_mismatches", [])),
             "n_images": int(len(labels)),
             "missing_images": len(missing),

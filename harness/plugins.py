@@ -249,8 +249,8 @@ class Plugins:
     def _collect(self, kind: Kind) -> None:
         catalog = self.catalogs[kind.key]
         caller = getattr(self.pm.hook, kind.hook)
-        # pluggy calls the most recently registered impl first; register built-ins first.
-        for impl in reversed(caller.get_hookimpls()):
+        # get_hookimpls() is in registration order: built-ins first, so they keep their ids.
+        for impl in caller.get_hookimpls():
             plugin = impl.plugin_name
             staged: list[Entry] = []
 
@@ -313,7 +313,7 @@ class Plugins:
         return self.catalogs["benchmarks"]
 
     def add_commands(self, cli: Any) -> None:
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        for impl in self.pm.hook.register_commands.get_hookimpls():
             try:
                 impl.function(cli=cli)
             except Exception as exc:  # noqa: BLE001

@@ -116,7 +116,7 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path) -> list[Path]:
     width = 0.8 / max(1, len(labels))
     cmap = plt.get_cmap("tab10")
     for metric in METRICS:
-        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(subsets) + 2), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(subsets) + 2) + 3, 4))
         for i, label in enumerate(labels):
             xs, ys, lo, hi = [], [], [], []
             for j, subset in enumerate(subsets):
@@ -136,7 +136,7 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(subsets)), subsets)
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.set_title(f"{METRIC_LABELS[metric]} per subset (95% bootstrap CI)")
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = plots_dir / f"{metric}.png"

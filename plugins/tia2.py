@@ -122,11 +122,18 @@ class TIA2(Benchmark):
             self.checksums[relpath] = digest
             if expected is not None and digest != expected:
                 self.checksum_mismatches.append(relpath)
-                log.warning(
-                    "TIA2 file %s differs from the released version (sha256 %s, expected %s)",
-                    path, digest[:12], expected[:12],
-                )
         return path
+
+    def _read(self, relpath: str) -> tuple[Path, Any]:
+        """Parse one annotation file; warn (after it parses) if it is not the released version."""
+        path = self.file(relpath)
+        raw = _read_json(path)
+        if relpath in self.checksum_mismatches:
+            log.warning(
+                "TIA2 file %s differs from the released version (sha256 %s, expected %s)",
+                path, self.checksums[relpath][:12], self.expected[relpath][:12],
+            )
+        return path, raw
 
     # -- annotations -----------------------------------------------------------------------
     def load(self, subsets: Sequence[str] | None = None) -> BenchmarkData:
@@ -154,9 +161,7 @@ class TIA2(Benchmark):
         )
 
     def _load_labels(self, subset: str) -> pd.DataFrame:
-        relpath = f"human_annotations/human_labels_{subset}.json"
-        path = self.file(relpath)
-        raw = _read_json(path)
+        path, raw = self._read(f"human_annotations/human_labels_{subset}.json")
         if not isinstance(raw, dict) or not raw:
             raise HarnessError(f"malformed annotation file {path}: expected a non-empty object")
         rows = []
@@ -192,8 +197,7 @@ class TIA2(Benchmark):
         return df.drop(columns=["j", "k"])
 
     def _load_prompt_sets(self, subset: str) -> dict[tuple[str, str], list[str]]:
-        path = self.file(f"prompts/prompt_set_{subset}.json")
-        raw = _read_json(path)
+        path, raw = self._read(f"prompts/prompt_set_{subset}.json")
         if not isinstance(raw, dict) or not all(
             isinstance(v, list) and all(isinstance(x, str) for x in v) for v in raw.values()
         ):
@@ -210,8 +214,7 @@ class TIA2(Benchmark):
         """
         rows = []
         for subset in self.check_subsets(subsets):
-            path = self.file(f"alignment_scores/alignment_scores_{subset}.json")
-            raw = _read_json(path)
+            path, raw = self._read(f"alignment_scores/alignment_scores_{subset}.json")
             if not isinstance(raw, dict):
                 raise HarnessError(f"malformed metrics file {path}: expected an object")
             for prompt, methods in raw.items():

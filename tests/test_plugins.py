@@ -1,0 +1,171 @@
+import json
+import logging
+import textwrap
+
+import pytest
+
+from harness.errors import PluginError, UnknownIdError
+from harness.plugins import Plugins, get_plugins, lookup
+
+GOOD = """
+from harness.hookspecs import hookimpl
+from harness.types import Normalizer
+
+class Halve(Normalizer):
+    id = "halve"
+    def __call__(self, scores):
+        return next(iter(scores.values()))[:, 0] / 2
+
+@hookimpl
+def register_normalizers(register):
+    register(Halve, aliases=("half",))
+"""
+
+
+def make_dist(root, dist, module, source, ep_name=None):
+    """A minimal installed distribution on ``root`` with a t2i_harness entry point."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.3.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3.1\n")
+    (info / "entry_points.txt").write_text(f"[t2i_harness]\n{ep_name or module} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_builtins_are_ordinary_plugins():
+    plugins = get_plugins()
+    names = [p.name for p in plugins.list()]
+    assert "harness_plugins.tia2" in names
+    assert plugins.benchmarks.ids() == ["tia2"]
+    assert lookup("benchmarks", "tia2").__name__ == "TIA2"
+
+
+def test_unknown_id_did_you_mean():
+    with pytest.raises(UnknownIdError) as info:
+        lookup("benchmarks", "tia")
+    assert "Unknown benchmark 'tia'. Did you mean 'tia2'? Known: tia2." == str(info.value)
+
+
+def test_third_party_plugin_registers_with_alias(site, monkeypatch):
+    make_dist(site, "t2i-harness-halve", "t2i_harness_halve", GOOD, ep_name="halve")
+    monkeypatch.setenv("HARNESS_LOAD_PLUGINS", "t2i-harness-halve")
+    plugins = Plugins()
+    info = {p.name: p for p in plugins.list()}["t2i-harness-halve"]
+    assert info.version == "0.3.1"
+    assert info.hooks == ["register_normalizers"]
+    assert info.registered == {"normalizers": ["halve"]}
+    assert plugins.normalizers.get("half") is plugins.normalizers.get("halve")
+    import numpy as np
+
+    assert plugins.normalizers.get("halve")()({"m": np.array([[4.0, 1.0]])}).tolist() == [2.0]
+
+
+def test_allow_and_block_lists(site, monkeypatch):
+    make_dist(site, "t2i-harness-halve", "t2i_harness_halve2", GOOD.replace("halve", "halve2").replace('"half"', '"h2"'))
+    monkeypatch.setenv("HARNESS_LOAD_PLUGINS", "")
+    assert "halve2" not in Plugins().normalizers
+    monkeypatch.delenv("HARNESS_LOAD_PLUGINS")
+    monkeypatch.setenv("HARNESS_BLOCK_PLUGINS", "t2i-harness-halve")
+    assert "halve2" not in Plugins().normalizers
+    monkeypatch.delenv("HARNESS_BLOCK_PLUGINS")
+    assert "halve2" in Plugins().normalizers  # unset allow-list: all installed plugins
+
+
+BROKEN = {
+    "import": ("import a_module_that_does_not_exist\n", "failed to load: ModuleNotFoundError"),
+    "raises": (
+        "from harness.hookspecs import hookimpl\n"
+        "@hookimpl\ndef register_normalizers(register):\n    raise RuntimeError('boom')\n",
+        "raised in register_normalizers: RuntimeError: boom",
+    ),
+    "misspelled": (
+        "from harness.hookspecs import hookimpl\n"
+        "@hookimpl\ndef register_reward_model(register):\n    pass\n",
+        "unknown hook 'register_reward_model'. Did you mean 'register_reward_models'?",
+    ),
+    "not-a-subclass": (
+        "from harness.hookspecs import hookimpl\n"
+        "class Thing:\n    id = 'thing'\n"
+        "@hookimpl\ndef register_normalizers(register):\n    register(Thing)\n",
+        "is not a subclass of harness.types.Normalizer",
+    ),
+    "wrong-argument": (
+        "from harness.hookspecs import hookimpl\n"
+        "@hookimpl\ndef register_normalizers(registr):\n    pass\n",
+        "has an invalid hook",
+    ),
+    "duplicate-id": (
+        "from harness.hookspecs import hookimpl\n"
+        "from harness_plugins.tia2 import TIA2\n"
+        "class Copy(TIA2):\n    pass\n"
+        "@hookimpl\ndef register_benchmarks(register):\n    register(Copy)\n",
+        "benchmark id 'tia2' from plugin 't2i-harness-bad' is already registered by plugin "
+        "'harness_plugins.tia2'",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_plugin_is_skipped_with_a_warning(kind, site, monkeypatch, caplog):
+    module = f"t2i_harness_bad_{kind.replace('-', '_')}"
+    source, message = BROKEN[kind]
+    make_dist(site, "t2i-harness-bad", module, source)
+    make_dist(site, "t2i-harness-halve", "t2i_harness_ok_" + kind.replace("-", "_"), GOOD)
+    monkeypatch.setenv("HARNESS_LOAD_PLUGINS", "t2i-harness-bad,t2i-harness-halve")
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        plugins = Plugins()
+    assert len(plugins.warnings) == 1
+    assert plugins.warnings[0].startswith("plugin 't2i-harness-bad' ")
+    assert message in plugins.warnings[0]
+    assert "\n" not in plugins.warnings[0]
+    assert message in caplog.text
+    # The good plugin and the built-ins still work.
+    assert "halve" in plugins.normalizers
+    assert plugins.benchmarks.get("tia2").__module__ == "harness_plugins.tia2"
+    assert "thing" not in plugins.normalizers
+
+    monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="t2i-harness-bad"):
+        Plugins()
+
+
+def run_harness(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120,
+    )
+
+
+def test_broken_plugin_does_not_break_the_cli(site):
+    make_dist(site, "t2i-harness-bad", "t2i_harness_bad_cli", "raise ImportError('missing dep')\n")
+    env = {"PYTHONPATH": str(site), "HARNESS_LOAD_PLUGINS": "t2i-harness-bad"}
+    result = run_harness("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [p["name"] for p in json.loads(result.stdout)] == ["harness_plugins.tia2"]
+    assert result.stderr.startswith(
+        "Warning: plugin 't2i-harness-bad' failed to load: ImportError: missing dep"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    result = run_harness("plugins", env={**env, "HARNESS_STRICT_PLUGINS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "Error: plugin 't2i-harness-bad' failed to load: ImportError: missing dep"
+
+
+def test_every_hookspec_is_documented_and_registered_kinds_cover_them():
+    from harness import hookspecs
+    from harness.plugins import KINDS
+
+    specs = [n for n in dir(hookspecs) if n.startswith("register_")]
+    assert sorted(specs) == sorted([k.hook for k in KINDS] + ["register_commands"])
+    for name in specs:
+        assert ":param" in getattr(hookspecs, name).__doc__
