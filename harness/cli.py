@@ -90,6 +90,168 @@ def benchmarks_command() -> None:
         click.echo(f"{entry.id}: {entry.cls.description} [{subsets}] (plugin {entry.plugin})")
 
 
+def _model_options(fn):
+    options = [
+        click.option("--model", "models", multiple=True, metavar="SPEC",
+                     help="Reward model to score: NAME or NAME:key=value,... (repeatable)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     help="auto: float16 on GPU, float32 on CPU."),
+        click.option("--batch-size", default=16, show_default=True, help="Images per forward pass."),
+        click.option("--workers", default=0, show_default=True, help="Data-loader worker processes."),
+        click.option("--cache", type=click.Path(path_type=Path), default=None,
+                     help="Score cache (SQLite; default: <user cache>/scores.sqlite)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the score cache."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _print_comparisons(comparisons: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scored vs reported (paired bootstrap over prompts, AUROC)",
+                  title_justify="left", header_style="bold")
+    for col in ("subset", "method", "against", "n", "diff", "95% CI", "p"):
+        table.add_column(col, justify="right" if col in {"n", "diff", "95% CI", "p"} else "left")
+    for _, r in comparisons[comparisons["metric"] == "auroc"].iterrows():
+        table.add_row(r["subset"], r["method"], r["against"], str(r["n_prompts"]), f"{r['diff']:+.4f}",
+                      f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_value']:.3f}")
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+
+
+def _print_failures(failed: dict[str, str]) -> None:
+    if not failed:
+        return
+    click.echo(f"{len(failed)} images could not be read and were not scored:", err=True)
+    for path, reason in list(failed.items())[:20]:
+        click.echo(f"  {path}: {reason}", err=True)
+    if len(failed) > 20:
+        click.echo(f"  ... and {len(failed) - 20} more (all listed in manifest.json)", err=True)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="JSON list of {id, aliases, plugin, default_checkpoint}.")
+def models_command(as_json: bool) -> None:
+    """List registered reward models."""
+    from harness.plugins import get_plugins
+
+    rows = [{"id": e.id, "aliases": list(e.aliases), "plugin": e.plugin,
+             "default_checkpoint": getattr(e.cls, "default_checkpoint", None),
+             "description": (e.cls.__doc__ or "").strip().splitlines()[0] if e.cls.__doc__ else ""}
+            for e in get_plugins().reward_models]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        alias = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        click.echo(f"{r['id']}{alias}: {r['description']} [default checkpoint: {r['default_checkpoint']}; "
+                   f"plugin {r['plugin']}]")
+
+
+@cli.command("score")
+@click.option("--images", type=click.Path(path_type=Path), help="Image folder (or the base of --pairs paths).")
+@click.option("--prompt", "prompts", multiple=True, help="Score every image against this prompt (repeatable).")
+@click.option("--pairs", type=click.Path(path_type=Path), help="CSV with columns image,prompt.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write scores as CSV (image, prompt, model, score).")
+@click.option("--json", "as_json", is_flag=True, help="Print scores as JSON.")
+@_model_options
+def score_command(
+    images: Path | None, prompts: tuple[str, ...], pairs: Path | None, out: Path | None,
+    as_json: bool, models: tuple[str, ...], device: str | None, dtype: str, batch_size: int,
+    workers: int, cache: Path | None, no_cache: bool,
+) -> None:
+    """Score images against prompts with one or more reward models."""
+    import pandas as pd
+
+    from harness.atomic import write_text
+    from harness.leaderboard import _open_cache
+    from harness.reward_models import load_reward_model, parse_model_spec
+    from harness.scoring import score_images
+
+    if not models:
+        raise HarnessError("give at least one --model (see `harness models`)")
+    paths, per_image = _score_inputs(images, prompts, pairs)
+    store = _open_cache(False if no_cache else (cache or True))
+    records, failed = [], {}
+    try:
+        for text in models:
+            spec = parse_model_spec(text)
+            model = load_reward_model(spec, device=device, dtype=dtype)
+            run = score_images(model, paths, per_image, cache=store, batch_size=batch_size,
+                               num_workers=workers, progress=not as_json)
+            failed.update(run.failed)
+            for path, ps, values in zip(paths, per_image, run.scores, strict=True):
+                if values is None:
+                    continue
+                records += [{"image": path, "prompt": p, "model": spec.label, "score": float(v)}
+                            for p, v in zip(ps, values, strict=True)]
+    finally:
+        if store is not None:
+            store.close()
+    frame = pd.DataFrame(records, columns=["image", "prompt", "model", "score"])
+    if out is not None:
+        write_text(out, frame.to_csv(index=False))
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(header_style="bold")
+        for col in ("image", "prompt", "model", "score"):
+            table.add_column(col, justify="right" if col == "score" else "left")
+        for r in records[:200]:
+            table.add_row(r["image"], r["prompt"], r["model"], f"{r['score']:.4f}")
+        Console(width=None if sys.stdout.isatty() else 140).print(table)
+        if len(records) > 200:
+            click.echo(f"... {len(records) - 200} more rows" + (f" in {out}" if out else ""))
+    _print_failures(failed)
+    if out is not None:
+        click.echo(f"Wrote {out}", err=True)
+
+
+def _score_inputs(images: Path | None, prompts: tuple[str, ...], pairs: Path | None):
+    import pandas as pd
+
+    if pairs is not None:
+        if prompts:
+            raise HarnessError("use either --pairs or --prompt, not both")
+        try:
+            table = pd.read_csv(pairs, dtype=str, keep_default_na=False)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise HarnessError(f"cannot read --pairs file '{pairs}': {exc}") from exc
+        if not {"image", "prompt"} <= set(table.columns):
+            raise HarnessError(f"--pairs file '{pairs}' needs the columns image,prompt; "
+                               f"it has {', '.join(table.columns)}")
+        if table.empty:
+            raise HarnessError(f"--pairs file '{pairs}' has no rows")
+        grouped: dict[str, list[str]] = {}
+        for image, prompt in zip(table["image"], table["prompt"], strict=True):
+            path = Path(image) if images is None or Path(image).is_absolute() else images / image
+            grouped.setdefault(str(path), []).append(prompt)
+        return list(grouped), list(grouped.values())
+    if images is None or not prompts:
+        raise HarnessError("give --images DIR with --prompt TEXT, or --pairs pairs.csv")
+    if images.is_file():
+        paths = [images]
+    elif images.is_dir():
+        paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise HarnessError(f"images folder '{images}' does not exist")
+    if not paths:
+        raise HarnessError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{images}'")
+    if any(not p.strip() for p in prompts):
+        raise HarnessError("--prompt must not be empty")
+    return [str(p) for p in paths], [list(prompts)] * len(paths)
+
+
 def _default_out(benchmark: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{benchmark}-{stamp}"
@@ -107,24 +269,35 @@ def _default_out(benchmark: str) -> Path:
 @click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print leaderboard.json to stdout instead of tables.")
+@_model_options
 def leaderboard_command(
     benchmark: str, data: Path | None, images: Path | None, skip_missing: bool,
     subsets: tuple[str, ...], out: Path | None, seed: int, n_boot: int, confidence: float,
-    no_plots: bool, as_json: bool,
+    no_plots: bool, as_json: bool, models: tuple[str, ...], device: str | None, dtype: str,
+    batch_size: int, workers: int, cache: Path | None, no_cache: bool,
 ) -> None:
-    """Evaluate reward models on BENCHMARK (default tia2) and write a run folder."""
+    """Evaluate reward models on BENCHMARK (default tia2) and write a run folder.
+
+    Without --model: the paper's reported rows and the human-agreement row. With --model (and
+    --images): each model scores every image against its prompt and gets a "scored" row.
+    """
     from harness.leaderboard import run_leaderboard
     from harness.report import render_terminal, rows_as_records
 
     result = run_leaderboard(
         benchmark, data=data, subsets=list(subsets) or None, images=images,
         skip_missing=skip_missing, n_boot=n_boot, seed=seed, confidence=confidence,
-        out=out or _default_out(benchmark), plots=not no_plots,
+        out=out or _default_out(benchmark), plots=not no_plots, models=models, device=device,
+        dtype=dtype, batch_size=batch_size, num_workers=workers,
+        cache=False if no_cache else (cache or True), progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(rows_as_records(result.rows), indent=2))
     else:
         render_terminal(result.rows, notes=result.notes)
+        if result.comparisons is not None and not result.comparisons.empty:
+            _print_comparisons(result.comparisons)
+    _print_failures(result.failed_images)
     if result.missing_images:
         click.echo(f"Skipped {len(result.missing_images)} missing images.", err=True)
     click.echo(f"Wrote {result.run_dir}", err=True)

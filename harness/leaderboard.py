@@ -4,7 +4,9 @@ Rows are methods, columns the seven metrics of :mod:`harness.metrics` with boots
 intervals over prompts, per benchmark subset. Sources:
 
 - ``reported``: the mean of the per-prompt metrics the benchmark's authors released;
-- ``human``: leave-one-annotator-out agreement (:mod:`harness.agreement`).
+- ``human``: leave-one-annotator-out agreement (:mod:`harness.agreement`);
+- ``scored``: a reward model run by this harness on the benchmark's images, with a paired
+  bootstrap test against the ``reported`` row of the same model on the same prompts.
 
 Use :func:`leaderboard` for a DataFrame, :func:`run_leaderboard` for the full result (per-prompt
 table, manifest) and, with ``out=``, a run folder written by :mod:`harness.report`.
@@ -37,6 +39,12 @@ class LeaderboardResult:
     notes: list[str] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     run_dir: Path | None = None
+    #: one row per (model, image, prompt) scored: subset, prompt, image, method, score
+    scores: pd.DataFrame | None = None
+    #: paired bootstrap of each scored model against its reported row, per subset and metric
+    comparisons: pd.DataFrame | None = None
+    #: image path -> reason, for images a reward model could not read
+    failed_images: dict[str, str] = field(default_factory=dict)
 
 
 def _rows_for(per_prompt: pd.DataFrame, n_boot: int, seed: int, confidence: float) -> list[dict]:
@@ -63,12 +71,21 @@ def run_leaderboard(
     include_human: bool = True,
     out: str | Path | None = None,
     plots: bool = True,
+    models: Sequence[str] = (),
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    cache: str | Path | None | bool = True,
+    progress: bool = False,
 ) -> LeaderboardResult:
     """Build the leaderboard of ``benchmark``; write a run folder when ``out`` is given.
 
     :param data: annotation folder; downloaded into the user cache when None.
     :param images: image folder, checked for completeness (needed to score models).
     :param n_boot: bootstrap resamples over prompts for the CIs (0 disables them).
+    :param models: reward-model specs (``clip``, ``blip2:mode=itc``, ...) to score on the images.
+    :param cache: score cache path; True for the default in the user cache, False for none.
     """
     if n_boot < 0:
         raise HarnessError(f"--bootstrap must be >= 0, got {n_boot}")
@@ -78,6 +95,8 @@ def run_leaderboard(
     subsets = bench.check_subsets(subsets) if hasattr(bench, "check_subsets") else subsets
     loaded = bench.load(subsets)
     missing: list[str] = []
+    if models and images is None:
+        raise HarnessError("scoring reward models needs the benchmark images: pass --images DIR")
     if images is not None:
         loaded, missing = bench.resolve_images(loaded, images, skip_missing=skip_missing)
     labels = loaded.images
@@ -104,6 +123,28 @@ def run_leaderboard(
                        if g["lambda"].notna().any() else "")
                     + "; if chosen per prompt against the labels they are oracle-tuned"
                 )
+    scores_frame = None
+    comparisons = None
+    failed: dict[str, str] = {}
+    model_info: list[dict[str, Any]] = []
+    if models:
+        scores_frame, failed, model_info = _score_models(
+            labels, models, device=device, dtype=dtype, batch_size=batch_size,
+            num_workers=num_workers, cache=cache, progress=progress,
+        )
+        scored = scores_frame.merge(
+            labels[["subset", "prompt", "image", "binary", "graded"]],
+            on=["subset", "prompt", "image"], how="left",
+        )
+        from harness.metrics import per_prompt_metrics
+
+        for method, group in scored.groupby("method", sort=False):
+            pp = per_prompt_metrics(group, score="score", by=("subset", "prompt"))
+            pp["method"] = method
+            pp["source"] = "scored"
+            parts.append(pp)
+        if failed:
+            notes.append(f"{len(failed)} images could not be read and were not scored")
     if include_human:
         human = human_agreement(labels)
         human["method"] = "human"
@@ -121,6 +162,8 @@ def run_leaderboard(
     per_prompt["subset"] = per_prompt["subset"].astype(str)
 
     rows = pd.DataFrame(_rows_for(per_prompt, n_boot, seed, confidence), columns=list(ROW_KEYS))
+    if models and include_reported:
+        comparisons = compare_with_reported(per_prompt, n_boot=n_boot, seed=seed, confidence=confidence)
     config = {
         "benchmark": benchmark,
         "subsets": list(subsets or bench.subsets),
@@ -131,6 +174,12 @@ def run_leaderboard(
         "confidence": confidence,
         "include_reported": include_reported,
         "include_human": include_human,
+        "models": list(models),
+        "device": device,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "cache": str(cache) if not isinstance(cache, bool) else cache,
     }
     from harness.manifest import build_manifest
 
@@ -143,14 +192,90 @@ def run_leaderboard(
             "checksum_mismatches": list(getattr(bench, "checksum_mismatches", [])),
             "n_images": int(len(labels)),
             "missing_images": len(missing),
+            "failed_images": failed,
         },
     )
-    result = LeaderboardResult(rows, per_prompt, manifest, notes, missing)
+    manifest["models"] = model_info
+    result = LeaderboardResult(rows, per_prompt, manifest, notes, missing, scores=scores_frame,
+                               comparisons=comparisons, failed_images=failed)
     if out is not None:
         from harness.report import write_run
 
         result.run_dir = write_run(out, result, plots=plots)
     return result
+
+
+def _open_cache(cache: str | Path | None | bool):
+    from harness.data.download import cache_dir
+    from harness.score_cache import ScoreCache
+
+    if cache is False or cache is None:
+        return None
+    path = cache_dir() / "scores.sqlite" if cache is True else Path(cache)
+    return ScoreCache(path)
+
+
+def _score_models(
+    labels: pd.DataFrame, models: Sequence[str], *, device: str | None, dtype: str | None,
+    batch_size: int, num_workers: int, cache: str | Path | None | bool, progress: bool,
+) -> tuple[pd.DataFrame, dict[str, str], list[dict[str, Any]]]:
+    """Score every image against its own prompt with each model."""
+    from harness.reward_models import load_reward_model, parse_model_spec
+    from harness.scoring import score_images
+
+    store = _open_cache(cache)
+    frames, failed, info = [], {}, []
+    try:
+        for text in models:
+            spec = parse_model_spec(text)
+            model = load_reward_model(spec, device=device, dtype=dtype)
+            run = score_images(
+                model, labels["path"].tolist(), [[p] for p in labels["prompt"]],
+                cache=store, batch_size=batch_size, num_workers=num_workers, progress=progress,
+            )
+            failed.update(run.failed)
+            ok = [i for i, s in enumerate(run.scores) if s is not None]
+            frame = labels.iloc[ok][["subset", "prompt", "image"]].copy()
+            frame["subset"] = frame["subset"].astype(str)
+            frame["method"] = spec.label
+            frame["score"] = [float(run.scores[i][0]) for i in ok]
+            frames.append(frame)
+            info.append({**model.describe(), "method": spec.label, "spec": text,
+                         "computed": run.computed, "cached": run.cached,
+                         "encoded_images": run.encoded_images, "seconds": round(run.seconds, 3),
+                         "failed_images": len(run.failed)})
+            del model
+    finally:
+        if store is not None:
+            store.close()
+    return pd.concat(frames, ignore_index=True), failed, info
+
+
+def compare_with_reported(
+    per_prompt: pd.DataFrame, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> pd.DataFrame:
+    """Paired bootstrap of each scored row against the reported row of the same model.
+
+    A scored method ``blip2[mode=itc]`` is compared with the reported ``blip2``. Only prompts
+    present in both enter the test.
+    """
+    from harness.metrics import paired_bootstrap
+
+    out = []
+    scored = per_prompt[per_prompt["source"] == "scored"]
+    reported = per_prompt[per_prompt["source"] == "reported"]
+    for (subset, method), mine in scored.groupby(["subset", "method"], sort=False):
+        base = method.split("[", 1)[0]
+        theirs = reported[(reported["subset"] == subset) & (reported["method"] == base)]
+        if theirs.empty:
+            continue
+        joined = mine.merge(theirs, on="prompt", suffixes=("", "_reported"))
+        for metric in METRICS:
+            test = paired_bootstrap(joined[metric], joined[f"{metric}_reported"], n_boot=n_boot,
+                                    seed=seed, confidence=confidence)
+            out.append({"subset": subset, "method": method, "against": f"{base} (reported)",
+                        "metric": metric, **test})
+    return pd.DataFrame(out)
 
 
 def leaderboard(benchmark: str = "tia2", **kwargs: Any) -> pd.DataFrame:

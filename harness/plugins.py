@@ -38,7 +38,12 @@ log = logging.getLogger("harness.plugins")
 ENTRY_POINT_GROUP = "t2i_harness"
 
 #: Built-in plugins, registered like any other plugin.
-BUILTIN_PLUGINS: tuple[str, ...] = ("harness_plugins.tia2",)
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "harness_plugins.tia2",
+    "harness_plugins.clip",
+    "harness_plugins.pickscore",
+    "harness_plugins.blip2",
+)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Writing and rendering a leaderboard run folder.
 
 A run folder holds ``manifest.json``, ``leaderboard.{json,csv,md,html}``, ``per_prompt.csv`` and
-``plots/<metric>.png``. Every file is written atomically, and only after all numbers are
+``plots/<metric>.png``; with scored reward models also ``scores.parquet`` (one row per model,
+image and prompt) and ``comparisons.csv`` (paired bootstrap against the reported rows). Every file is written atomically, and only after all numbers are
 computed, so a failed run never leaves a half-written file or clobbers an earlier one.
 
 ``leaderboard.json`` schema: a list of rows, each
@@ -169,6 +170,11 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
     write_text(out / "leaderboard.md", render_markdown(result.rows, result.notes, title))
     write_text(out / "leaderboard.html", render_html(result.rows, result.notes, title))
     write_text(out / "per_prompt.csv", result.per_prompt.to_csv(index=False))
+    if result.scores is not None:
+        with atomic_path(out / "scores.parquet") as tmp:
+            result.scores.to_parquet(tmp, index=False)
+    if result.comparisons is not None and not result.comparisons.empty:
+        write_text(out / "comparisons.csv", result.comparisons.to_csv(index=False))
     if plots:
         plot_rows(result.rows, out / "plots")
     return out

@@ -1,0 +1,96 @@
+"""Building reward models from user-facing specs.
+
+A spec is ``NAME`` or ``NAME:key=value,key=value`` (e.g. ``blip2:mode=itc`` or
+``clip:checkpoint=/models/clip-l``). Keys are the model class's constructor arguments; unknown
+keys are rejected with the list of accepted ones. ``device`` and ``dtype`` given separately apply
+to every model that does not set its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import HarnessError, did_you_mean
+from harness.plugins import get_plugins
+from harness.types import RewardModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The leaderboard's method name: the id, plus any option other than where it runs."""
+        shown = {k: v for k, v in self.options.items()
+                 if k not in {"checkpoint", "device", "dtype", "batch_size", "revision"}}
+        if not shown:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in sorted(shown.items()))}]"
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise HarnessError(f"empty reward model name in '{text}'")
+    options: dict[str, Any] = {}
+    if rest.strip():
+        for part in rest.split(","):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip():
+                raise HarnessError(f"bad option '{part}' in model spec '{text}': expected key=value")
+            options[key.strip()] = _coerce(value.strip())
+    return ModelSpec(name, options)
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def load_reward_model(
+    spec: str | ModelSpec, device: str | None = None, dtype: str | None = None, **overrides: Any
+) -> RewardModel:
+    """Instantiate a registered reward model from a spec (loads its checkpoint)."""
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    cls = get_plugins().reward_models.get(spec.name)
+    options = {**overrides, **spec.options}
+    device = options.pop("device", None) or device or default_device()
+    dtype = options.pop("dtype", None) or dtype or "auto"
+    if dtype == "auto":
+        dtype = "float16" if str(device).startswith("cuda") else "float32"
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [n for n in params if n != "self"]
+    for key in options:
+        if key not in params and not accepts_any:
+            raise HarnessError(
+                f"reward model '{spec.name}' has no option '{key}'.{did_you_mean(key, accepted)} "
+                f"Options: {', '.join(accepted)}"
+            )
+    kwargs = dict(options)
+    if "device" in params or accepts_any:
+        kwargs["device"] = device
+    if "dtype" in params or accepts_any:
+        kwargs["dtype"] = dtype
+    return cls(**kwargs)

@@ -1,0 +1,140 @@
+"""CLIP as a reward model: cosine similarity of the projected image and text embeddings.
+
+Default checkpoint ``openai/clip-vit-large-patch14``; any Hugging Face ``CLIPModel`` checkpoint
+(hub id or local folder) works. Score: cosine similarity in [-1, 1] (typically 0.15-0.40 for
+natural images; multiply by 100 for the "CLIPScore" scale some papers use). Text is truncated to
+the model's 77 tokens; the number of truncated prompts is recorded in the manifest.
+
+Each image is encoded once; text embeddings are computed once per distinct prompt and kept in a
+small in-memory cache, so scoring an image against 1 + 32 contrastive prompts costs one image
+encode and a [1 x D] @ [D x 33] product.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from harness.hf import (
+    check_device,
+    commit_hash,
+    load_config,
+    quiet_transformers,
+    torch_dtype,
+    weights_fingerprint,
+)
+from harness.hookspecs import hookimpl
+from harness.types import RewardModel
+
+
+class CLIPReward(RewardModel):
+    """Cosine similarity between CLIP image and text embeddings (range [-1, 1])."""
+
+    id: ClassVar[str] = "clip"
+    default_checkpoint: ClassVar[str] = "openai/clip-vit-large-patch14"
+    default_processor: ClassVar[str | None] = None  # None: the checkpoint's own processor
+    preprocessing_version: ClassVar[str] = "1"
+    score_name: ClassVar[str] = "cosine"
+    text_cache_size: ClassVar[int] = 65536
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+        revision: str | None = None,
+        processor: str | None = None,
+    ):
+        import torch
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        self.checkpoint = checkpoint or self.default_checkpoint
+        self.processor_source = processor or self.default_processor or self.checkpoint
+        self.device = check_device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.revision = revision
+        load_config(self.checkpoint, ("clip",), "CLIPModel", revision)
+        with quiet_transformers():
+            self.model = CLIPModel.from_pretrained(
+                self.checkpoint, revision=revision, dtype=torch_dtype(dtype)
+            ).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.processor_source)
+            self.image_processor = AutoImageProcessor.from_pretrained(self.processor_source)
+        self.checkpoint_sha256 = weights_fingerprint(self.checkpoint)
+        self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
+        self.truncated_prompts = 0
+        self._text: OrderedDict[str, Any] = OrderedDict()
+        self._torch = torch
+
+    # -- the RewardModel contract ----------------------------------------------------------
+    def preprocess(self, image: Any) -> Any:
+        """PIL image -> float32 ``[3, H, W]`` normalised pixels (the checkpoint's processor)."""
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def embed_images(self, batch: Any) -> Any:
+        """``[B, 3, H, W]`` -> unit-norm float32 image embeddings ``[B, D]``."""
+        torch = self._torch
+        with torch.inference_mode():
+            pixels = batch.to(self.device, dtype=self.model.dtype, non_blocking=True)
+            out = self.model.get_image_features(pixel_values=pixels)
+            feats = out.pooler_output if hasattr(out, "pooler_output") else out
+            return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def score(self, features: Any, prompts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Image embeddings ``[B, D]`` x prompts per image -> B float32 arrays (scaled cosines)."""
+        distinct = list(dict.fromkeys(p for ps in prompts for p in ps))
+        text = self.text_embeddings(distinct)  # [T, D]
+        sims = (features @ text.T) * self.logit_scale()  # [B, T]
+        col = {p: j for j, p in enumerate(distinct)}
+        sims = sims.cpu().numpy()
+        return [sims[i, [col[p] for p in ps]].astype(np.float32) for i, ps in enumerate(prompts)]
+
+    # -- helpers ---------------------------------------------------------------------------
+    def logit_scale(self) -> float:
+        return 1.0
+
+    def text_embeddings(self, prompts: list[str]) -> Any:
+        """Unit-norm float32 text embeddings ``[T, D]``, computed once per distinct prompt."""
+        torch = self._torch
+        missing = [p for p in prompts if p not in self._text]
+        for lo in range(0, len(missing), 256):
+            chunk = missing[lo : lo + 256]
+            full = self.tokenizer(chunk, truncation=False)["input_ids"]
+            self.truncated_prompts += sum(len(ids) > self.max_text_tokens for ids in full)
+            tok = self.tokenizer(chunk, padding=True, truncation=True,
+                                 max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                out = self.model.get_text_features(**tok)
+                feats = out.pooler_output if hasattr(out, "pooler_output") else out
+                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            for p, f in zip(chunk, feats, strict=True):
+                self._text[p] = f
+        for p in prompts:
+            self._text.move_to_end(p)
+        while len(self._text) > self.text_cache_size:
+            self._text.popitem(last=False)
+        return torch.stack([self._text[p] for p in prompts])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "checkpoint": self.checkpoint,
+            "revision": self.revision or commit_hash(self.model),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "processor": self.processor_source,
+            "preprocessing_version": self.preprocessing_version,
+            "dtype": self.dtype,
+            "score": self.score_name,
+            "max_text_tokens": self.max_text_tokens,
+            "truncated_prompts": self.truncated_prompts,
+        }
+
+
+@hookimpl
+def register_reward_models(register):
+    register(CLIPReward)

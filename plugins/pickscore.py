@@ -1,0 +1,32 @@
+"""PickScore (Kirstain et al., 2023) as a reward model.
+
+A CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences: checkpoint ``yuvalkirstain/PickScore_v1``
+with the processor (tokenizer and image preprocessing) of
+``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Score: ``logit_scale.exp() * cosine`` (the model's
+learned scale, about 100, so scores are typically 15-25), exactly as the PickScore authors
+compute it before their softmax over candidate images.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from harness.hookspecs import hookimpl
+from harness_plugins.clip import CLIPReward
+
+
+class PickScore(CLIPReward):
+    """``logit_scale.exp()`` x cosine similarity of PickScore's CLIP embeddings."""
+
+    id: ClassVar[str] = "pickscore"
+    default_checkpoint: ClassVar[str] = "yuvalkirstain/PickScore_v1"
+    default_processor: ClassVar[str | None] = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    score_name: ClassVar[str] = "logit_scale * cosine"
+
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp())
+
+
+@hookimpl
+def register_reward_models(register):
+    register(PickScore)
