@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.errors import HarnessError
 from harness.hf import (
     check_device,
     commit_hash,
@@ -63,8 +64,15 @@ class CLIPReward(RewardModel):
             self.model = CLIPModel.from_pretrained(
                 self.checkpoint, revision=revision, dtype=torch_dtype(dtype)
             ).to(self.device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(self.processor_source)
-            self.image_processor = AutoImageProcessor.from_pretrained(self.processor_source)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.processor_source)
+                self.image_processor = AutoImageProcessor.from_pretrained(self.processor_source)
+            except (OSError, ValueError) as exc:
+                raise HarnessError(
+                    f"cannot load the tokenizer and image processor of {self.id} from "
+                    f"'{self.processor_source}' ({type(exc).__name__}); pass processor=PATH to a "
+                    "folder holding them"
+                ) from exc
         self.checkpoint_sha256 = weights_fingerprint(self.checkpoint)
         self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
         self.truncated_prompts = 0

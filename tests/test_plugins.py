@@ -150,7 +150,8 @@ def test_broken_plugin_does_not_break_the_cli(site):
     env = {"PYTHONPATH": str(site), "HARNESS_LOAD_PLUGINS": "t2i-harness-bad"}
     result = run_harness("plugins", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    assert [p["name"] for p in json.loads(result.stdout)] == ["harness_plugins.tia2"]
+    names = [p["name"] for p in json.loads(result.stdout)]
+    assert "t2i-harness-bad" not in names and "harness_plugins.tia2" in names
     assert result.stderr.startswith(
         "Warning: plugin 't2i-harness-bad' failed to load: ImportError: missing dep"
     )

@@ -1,0 +1,118 @@
+"""`harness leaderboard` scoring real reward-model architectures on a TIA2-layout image folder."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_cli import harness, one_line_error
+from tiny_models import make_tiny_blip2, make_tiny_clip
+
+from harness.metrics import METRICS, prompt_metrics
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tia2_dir):
+    from PIL import Image
+
+    from harness_plugins.tia2 import TIA2
+
+    root = tmp_path_factory.mktemp("lb")
+    labels = TIA2(tia2_dir).load(["counting"]).images
+    share = labels.groupby("prompt", sort=False)["binary"].mean()
+    chosen = list(share[(share > 0) & (share < 1)].index[:5]) + list(share[share == 1].index[:1])
+    rows = labels[labels["prompt"].isin(chosen)]
+    folder = root / "images" / "counting"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in rows["image"]:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    return {
+        "root": root, "rows": rows, "chosen": chosen,
+        "clip": make_tiny_clip(root / "clip"), "blip2": make_tiny_blip2(root / "blip2"),
+    }
+
+
+def run_board(setup, tia2_dir, out, *extra):
+    return harness(
+        "leaderboard", "tia2", "--data", tia2_dir, "--subset", "counting",
+        "--images", setup["root"] / "images", "--skip-missing",
+        "--model", f"clip:checkpoint={setup['clip']}", "--model", f"blip2:checkpoint={setup['blip2']}",
+        "--bootstrap", 200, "--no-plots", "--cache", setup["root"] / "scores.sqlite", "--out", out,
+        *extra,
+    )
+
+
+def test_scored_rows_comparisons_and_cache(setup, tia2_dir):
+    out = setup["root"] / "run1"
+    result = run_board(setup, tia2_dir, out)
+    assert result.returncode == 0, result.stderr
+    assert "Skipped 7200 missing images." in result.stderr
+    rows = json.loads((out / "leaderboard.json").read_text())
+    scored = {r["method"]: r for r in rows if r["source"] == "scored"}
+    assert set(scored) == {"clip", "blip2"}
+    assert all(r["n_prompts"] == 5 for r in scored.values())  # the all-aligned prompt is dropped
+
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 2 * 300 and set(scores["method"]) == {"clip", "blip2"}
+    # The table is exactly the metrics of the written scores, prompt by prompt.
+    merged = scores.merge(setup["rows"], on=["subset", "prompt", "image"])
+    clip = merged[merged["method"] == "clip"]
+    per_prompt = [prompt_metrics(g["score"], g["binary"], g["graded"])
+                  for p, g in clip.groupby("prompt") if p in setup["chosen"][:5]]
+    for m in METRICS:
+        assert scored["clip"][m] == pytest.approx(np.mean([x[m] for x in per_prompt]), abs=1e-12)
+
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    auroc = comparisons[comparisons["metric"] == "auroc"].set_index("method")
+    assert set(auroc.index) == {"clip", "blip2"}
+    assert (auroc["n_prompts"] == 5).all()
+    assert auroc.loc["clip", "against"] == "clip (reported)"
+    assert "scored vs reported" in result.stdout
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    by_method = {m["method"]: m for m in manifest["models"]}
+    assert by_method["clip"]["computed"] == 300 and by_method["clip"]["encoded_images"] == 300
+    assert by_method["blip2"]["variant"] == "itm"
+    assert by_method["clip"]["max_text_tokens"] == 77
+
+    # Re-running a finished run computes nothing and gives the same table.
+    again = run_board(setup, tia2_dir, setup["root"] / "run2")
+    assert again.returncode == 0, again.stderr
+    manifest2 = json.loads((setup["root"] / "run2" / "manifest.json").read_text())
+    assert [m["computed"] for m in manifest2["models"]] == [0, 0]
+    assert [m["cached"] for m in manifest2["models"]] == [300, 300]
+    rows2 = json.loads((setup["root"] / "run2" / "leaderboard.json").read_text())
+    assert rows2 == rows
+
+
+def test_model_without_images_and_unknown_model(setup, tia2_dir, tmp_path):
+    one_line_error(harness("leaderboard", "tia2", "--data", tia2_dir, "--model", "clip",
+                           "--out", tmp_path / "o"), "needs the benchmark images: pass --images DIR")
+    one_line_error(run_board(setup, tia2_dir, tmp_path / "o", "--model", "pickscor"),
+                   "Unknown reward model 'pickscor'. Did you mean 'pickscore'?")
+
+
+def test_harness_score_command(setup, tmp_path):
+    folder = setup["root"] / "images" / "counting"
+    out = tmp_path / "scores.csv"
+    result = harness("score", "--model", f"clip:checkpoint={setup['clip']}", "--images", folder,
+                     "--prompt", "a realistic photo of an airplane", "--prompt", "two airplanes",
+                     "--out", out, "--no-cache")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(out)
+    assert len(table) == 2 * 300 and set(table["model"]) == {"clip"}
+    pairs = tmp_path / "pairs.csv"
+    first = sorted(folder.iterdir())[:3]
+    pd.DataFrame({"image": [p.name for p in first], "prompt": ["a", "b", "c"]}).to_csv(pairs, index=False)
+    result = harness("score", "--model", f"clip:checkpoint={setup['clip']}", "--pairs", pairs,
+                     "--images", folder, "--json", "--no-cache")
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [r["prompt"] for r in records] == ["a", "b", "c"]
+    # Same image and prompt -> same score as in the folder run.
+    row = table[(table["image"] == str(first[0])) & (table["prompt"] == "two airplanes")]
+    assert len(row) == 1
+    one_line_error(harness("score", "--model", "clip", "--images", folder), "--prompt")
+    one_line_error(harness("score", "--model", f"clip:checkpoint={setup['clip']}", "--pairs",
+                           tmp_path / "missing.csv"), "cannot read --pairs file")
