@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "harness_plugins.clip",
     "harness_plugins.pickscore",
     "harness_plugins.blip2",
+    "harness_plugins.imagereward",
 )
 
 

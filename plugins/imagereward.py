@@ -5,14 +5,14 @@ network is BLIP's: a ViT-L/16 image encoder (224 px), a BERT text encoder whose 
 cross-attend to the image tokens (BLIP's "med" BertModel, configured by ``med_config.json``), and
 an MLP head on the text encoder's first ([CLS]) token. The head's output is standardised with the
 constants published in THUDM/ImageReward ``ImageReward/ImageReward.py``:
-``(reward - 0.16717362830052426) / 1.0333394966054072``. Higher is better; typical values lie
-in about [-2, 2].
+``(reward - 0.16717362830052426) / 1.0333394966054072``. Higher is better.
 
 This module runs the original weights (``ImageReward.pt`` + ``med_config.json`` from the hub repo
 ``THUDM/ImageReward``) on maintained transformers modules: :class:`~transformers.BlipVisionModel`
 for the ViT and :class:`~transformers.BlipTextModel` (BERT with cross-attention) for the text
 encoder. :func:`convert_state_dict` maps the original parameter names onto them (see its docstring
-for the table); loading is strict apart from three documented unused entries.
+for the table); loading is strict apart from the unused entries listed in
+:data:`IGNORED_KEYS`.
 
 Faithfulness notes (checked against ``ImageReward/ImageReward.py`` and ``models/BLIP/*.py``):
 
@@ -107,7 +107,9 @@ _VISION_BLOCK_RENAMES = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+_BLOCK_RE = re.compile(
+    r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$"
+)
 _HEAD_RE = re.compile(r"^mlp\.layers\.(\d+)\.(weight|bias)$")
 
 
@@ -139,7 +141,7 @@ def convert_state_dict(original: Mapping[str, Any]) -> dict[str, Any]:
     """
     converted: dict[str, Any] = {}
     for key, value in original.items():
-        name = key[len("module."):] if key.startswith("module.") else key
+        name = key[len("module.") :] if key.startswith("module.") else key
         if name in IGNORED_KEYS:
             continue
         converted[_convert_key(name)] = value
@@ -148,7 +150,7 @@ def convert_state_dict(original: Mapping[str, Any]) -> dict[str, Any]:
 
 def _convert_key(name: str) -> str:
     if name.startswith("blip.visual_encoder."):
-        rest = name[len("blip.visual_encoder."):]
+        rest = name[len("blip.visual_encoder.") :]
         for old, new in _VISION_RENAMES:
             if rest == old:
                 return "vision_model." + new
@@ -158,7 +160,7 @@ def _convert_key(name: str) -> str:
             return f"vision_model.encoder.layers.{block}.{_VISION_BLOCK_RENAMES[part]}.{kind}"
         return name
     if name.startswith("blip.text_encoder."):
-        return "text_model." + name[len("blip.text_encoder."):]
+        return "text_model." + name[len("blip.text_encoder.") :]
     m = _HEAD_RE.match(name)
     if m and int(m.group(1)) in HEAD_LINEAR_INDICES:
         return f"head.{m.group(1)}.{m.group(2)}"
@@ -174,7 +176,9 @@ def vision_config_from(med_config: Mapping[str, Any]) -> dict[str, Any]:
     vision = dict(DEFAULT_VISION_CONFIG)
     extra = med_config.get("vision_config") or {}
     if not isinstance(extra, Mapping):
-        raise HarnessError(f"{CONFIG_FILE}: 'vision_config' must be an object, got {type(extra).__name__}")
+        raise HarnessError(
+            f"{CONFIG_FILE}: 'vision_config' must be an object, got {type(extra).__name__}"
+        )
     vision.update(extra)
     if "intermediate_size" not in extra and "hidden_size" in extra:
         vision["intermediate_size"] = 4 * int(vision["hidden_size"])
@@ -187,7 +191,9 @@ class ImageRewardPreprocess:
     A small picklable object (no model inside), so DataLoader workers can receive it cheaply.
     """
 
-    def __init__(self, size: int = 224, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD):
+    def __init__(
+        self, size: int = 224, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD
+    ):
         self.size = int(size)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
@@ -226,13 +232,17 @@ def _sha256(path: Path) -> str:
 def _resolve_files(checkpoint: str, revision: str | None) -> tuple[Path, Path, Path | None]:
     """-> (ImageReward.pt, med_config.json, local folder or None for hub downloads)."""
     path = Path(checkpoint).expanduser()
-    looks_local = path.exists() or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1
+    looks_local = (
+        path.exists() or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1
+    )
     if checkpoint in HUB_ALIASES or not looks_local:
         repo = HUB_REPO if checkpoint in HUB_ALIASES else checkpoint
         try:
             from huggingface_hub import hf_hub_download
 
-            weights = Path(hf_hub_download(repo_id=repo, filename=CHECKPOINT_FILE, revision=revision))
+            weights = Path(
+                hf_hub_download(repo_id=repo, filename=CHECKPOINT_FILE, revision=revision)
+            )
             config = Path(hf_hub_download(repo_id=repo, filename=CONFIG_FILE, revision=revision))
         except Exception as exc:  # noqa: BLE001 - offline, missing repo or file, network errors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -247,7 +257,9 @@ def _resolve_files(checkpoint: str, revision: str | None) -> tuple[Path, Path, P
     elif path.is_dir():
         folder, weights = path, path / CHECKPOINT_FILE
     else:
-        raise HarnessError(f"ImageReward checkpoint '{checkpoint}' not found (expected {ARCHITECTURE})")
+        raise HarnessError(
+            f"ImageReward checkpoint '{checkpoint}' not found (expected {ARCHITECTURE})"
+        )
     config = folder / CONFIG_FILE
     missing = [p.name for p in (weights, config) if not p.is_file()]
     if missing:
@@ -263,22 +275,42 @@ def _read_med_config(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HarnessError(f"cannot read {path}: {exc} (expected the BLIP med_config.json of {ARCHITECTURE})") from exc
+        raise HarnessError(
+            f"cannot read {path}: {exc} (expected the BLIP med_config.json of {ARCHITECTURE})"
+        ) from exc
     if not isinstance(config, dict):
-        raise HarnessError(f"{path} is not a JSON object (expected the BLIP med_config.json of {ARCHITECTURE})")
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        raise HarnessError(
+            f"{path} is not a JSON object (expected the BLIP med_config.json of {ARCHITECTURE})"
+        )
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+    )
     absent = [k for k in required if k not in config]
     if absent:
-        raise HarnessError(f"{path} lacks {', '.join(absent)} (expected the BLIP med_config.json of {ARCHITECTURE})")
+        raise HarnessError(
+            f"{path} lacks {', '.join(absent)} (expected the BLIP med_config.json of {ARCHITECTURE})"
+        )
     if not config.get("add_cross_attention", True):
-        raise HarnessError(f"{path} sets add_cross_attention=false; ImageReward's text encoder cross-attends to the image")
+        raise HarnessError(
+            f"{path} sets add_cross_attention=false; ImageReward's text encoder cross-attends to the image"
+        )
     if config.get("position_embedding_type", "absolute") != "absolute":
-        raise HarnessError(f"{path}: position_embedding_type {config['position_embedding_type']!r} is not supported")
+        raise HarnessError(
+            f"{path}: position_embedding_type {config['position_embedding_type']!r} is not supported"
+        )
     return config
 
 
-def _build_network(med_config: Mapping[str, Any]) -> Any:
-    """The empty network: ``vision_model`` (BlipVisionModel), ``text_model`` (BlipTextModel), ``head``."""
+def _build_network(med_config: Mapping[str, Any], device: str = "meta") -> Any:
+    """The network: ``vision_model`` (BlipVisionModel), ``text_model`` (BlipTextModel), ``head``.
+
+    Built on the ``meta`` device by default (no memory, no random initialisation: seconds saved
+    for ViT-L); :func:`_load_weights` then assigns the checkpoint's tensors.
+    """
     import torch
     from torch import nn
     from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
@@ -327,19 +359,28 @@ def _build_network(med_config: Mapping[str, Any]) -> Any:
         if i < 3:
             layers.append(nn.Dropout(0.0))  # keeps the original indices 0, 2, 4, 6, 7
 
-    net = nn.Module()
-    net.vision_model = BlipVisionModel(vision_config)
-    net.text_model = BlipTextModel(text_config, add_pooling_layer=False)
-    net.head = nn.Sequential(*layers)
-    assert tuple(i for i, m in enumerate(net.head) if isinstance(m, nn.Linear)) == HEAD_LINEAR_INDICES
+    with torch.device(device):
+        net = nn.Module()
+        net.vision_model = BlipVisionModel(vision_config)
+        net.text_model = BlipTextModel(text_config, add_pooling_layer=False)
+        net.head = nn.Sequential(*layers)
+    assert (
+        tuple(i for i, m in enumerate(net.head) if isinstance(m, nn.Linear)) == HEAD_LINEAR_INDICES
+    )
     return net.to(torch.float32).eval()
 
 
 def _load_weights(net: Any, original: Mapping[str, Any], where: Path) -> None:
-    """Strictly load an original-layout state dict into ``net``; HarnessError on any mismatch."""
+    """Strictly load an original-layout state dict into ``net``; HarnessError on any mismatch.
+
+    The tensors are assigned (``assign=True``), which also materialises a ``meta``-built network;
+    the one non-persistent buffer (the text embeddings' ``position_ids``) is then recreated.
+    """
+    import torch
+
     converted = convert_state_dict(original)
     try:
-        result = net.load_state_dict(converted, strict=False)
+        result = net.load_state_dict(converted, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatches
         detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4] if line.strip())
         raise HarnessError(
@@ -347,6 +388,7 @@ def _load_weights(net: Any, original: Mapping[str, Any], where: Path) -> None:
             f"(expected {ARCHITECTURE}): {detail or exc}"
         ) from exc
     if result.missing_keys or result.unexpected_keys:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
@@ -354,11 +396,22 @@ def _load_weights(net: Any, original: Mapping[str, Any], where: Path) -> None:
         if result.missing_keys:
             parts.append(f"{len(result.missing_keys)} missing ({show(result.missing_keys)})")
         if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected ({show(result.unexpected_keys)})")
+            parts.append(
+                f"{len(result.unexpected_keys)} unexpected ({show(result.unexpected_keys)})"
+            )
         raise HarnessError(
             f"{where} is not an ImageReward state dict: {'; '.join(parts)} parameters after mapping "
             f"the original names (expected {ARCHITECTURE}, keys blip.visual_encoder.*, "
             "blip.text_encoder.*, mlp.layers.*)"
+        )
+    embeddings = net.text_model.embeddings
+    positions = torch.arange(embeddings.position_embeddings.num_embeddings).expand((1, -1))
+    embeddings.register_buffer("position_ids", positions, persistent=False)
+    net.requires_grad_(False)
+    left = [name for name, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
+    if left:  # pragma: no cover - only if transformers adds state that no checkpoint holds
+        raise HarnessError(
+            f"{where}: no values for {', '.join(left[:5])} (expected {ARCHITECTURE})"
         )
 
 
@@ -369,11 +422,19 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated file, not a torch file, pickle refused
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HarnessError(f"cannot read {path} (expected the state dict of {ARCHITECTURE}): {first}") from exc
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        raise HarnessError(
+            f"cannot read {path} (expected the state dict of {ARCHITECTURE}): {first}"
+        ) from exc
+    if (
+        isinstance(state, Mapping)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], Mapping)
+    ):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise HarnessError(f"{path} holds a {type(state).__name__}, not a state dict (expected {ARCHITECTURE})")
+        raise HarnessError(
+            f"{path} holds a {type(state).__name__}, not a state dict (expected {ARCHITECTURE})"
+        )
     return state
 
 
@@ -431,13 +492,6 @@ class ImageReward(RewardModel):
         self.vision_config = vision_config_from(self.med_config)
         self.image_size = int(self.vision_config["image_size"])
 
-        net = _build_network(self.med_config)
-        _load_weights(net, _read_state_dict(self.weights_path), self.weights_path)
-        net.vision_model.to(self.device, dtype=model_dtype)
-        net.text_model.to(self.device, dtype=model_dtype)
-        net.head.to(self.device, dtype=torch.float32)
-        self.net = net.eval()
-
         self.tokenizer_source = tokenizer or self._local_tokenizer(folder) or DEFAULT_TOKENIZER
         self.tokenizer = self._load_tokenizer(self.tokenizer_source)
         vocab = int(self.med_config["vocab_size"])
@@ -447,6 +501,14 @@ class ImageReward(RewardModel):
                 f"{self.config_path} has vocab_size {vocab}; ImageReward expects bert-base-uncased "
                 "plus [DEC] and [ENC]"
             )
+        # The tokenizer is checked first: it fails fast, the 1.7 GB of weights do not.
+        net = _build_network(self.med_config)
+        _load_weights(net, _read_state_dict(self.weights_path), self.weights_path)
+        net.vision_model.to(self.device, dtype=model_dtype)
+        net.text_model.to(self.device, dtype=model_dtype)
+        net.head.to(self.device, dtype=torch.float32)
+        self.net = net.eval()
+
         # A picklable stand-in for the bound method, so that DataLoader workers do not receive
         # (and, with the spawn start method, pickle) the whole model.
         self.preprocess = ImageRewardPreprocess(self.image_size)
@@ -505,7 +567,11 @@ class ImageReward(RewardModel):
         if texts:
             self._count_truncated(texts)
             tokens = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
             )
             ids = tokens["input_ids"].to(self.device)
             mask = tokens["attention_mask"].to(self.device)
@@ -516,7 +582,9 @@ class ImageReward(RewardModel):
                 for lo in range(0, len(texts), self.batch_size):
                     hi = min(lo + self.batch_size, len(texts))
                     image_tokens = feats.index_select(0, owner[lo:hi])
-                    image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device)
+                    image_mask = torch.ones(
+                        image_tokens.shape[:2], dtype=torch.long, device=self.device
+                    )
                     out = text_model(
                         input_ids=ids[lo:hi],
                         attention_mask=mask[lo:hi],
@@ -536,7 +604,9 @@ class ImageReward(RewardModel):
         fresh = [t for t in dict.fromkeys(texts) if t not in self._truncated]
         if fresh:
             lengths = self.tokenizer(fresh, truncation=False)["input_ids"]
-            self._truncated.update(t for t, ids in zip(fresh, lengths, strict=True) if len(ids) > self.max_text_tokens)
+            self._truncated.update(
+                t for t, ids in zip(fresh, lengths, strict=True) if len(ids) > self.max_text_tokens
+            )
         self.truncated_prompts = len(self._truncated)
 
     # -- manifest --------------------------------------------------------------------------
