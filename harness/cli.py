@@ -77,7 +77,7 @@ def plugins_command(as_json: bool) -> None:
     for i in infos:
         registered = "; ".join(f"{k}: {', '.join(v)}" for k, v in i.registered.items())
         table.add_row(i.name, i.version, ", ".join(i.hooks), registered or "-")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @cli.command("benchmarks")
@@ -252,6 +252,68 @@ def _score_inputs(images: Path | None, prompts: tuple[str, ...], pairs: Path | N
     return [str(p) for p in paths], [list(prompts)] * len(paths)
 
 
+@cli.group("prompts")
+def prompts_group() -> None:
+    """Contrastive prompt sets: generate them with a registered generator."""
+
+
+@prompts_group.command("generate")
+@click.option("--generator", "generator", default="rules", show_default=True,
+              help="Prompt-set generator id (rules, llm, tia2, or a plugin's).")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="Text file, one prompt per line (or a JSON list).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON file {prompt: [contrastive prompts]}.")
+@click.option("--n", type=int, default=None, help="Contrastive prompts per prompt (llm).")
+@click.option("--model", default=None, help="Chat model name on the server (llm).")
+@click.option("--base-url", default=None, help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (llm).")
+@click.option("--api-key", default=None, help="API key (llm; default $OPENAI_API_KEY).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (llm).")
+@click.option("--seed", type=int, default=None, help="Sampling seed (llm).")
+@click.option("--timeout", type=float, default=None, help="Seconds per request (llm).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="TIA2 annotation folder (tia2).")
+def prompts_generate(generator: str, input_path: Path, out: Path, **settings: Any) -> None:
+    """Write contrastive prompts for every prompt in --input."""
+    from harness.atomic import write_json
+    from harness.plugins import get_plugins
+
+    cls = get_plugins().prompt_generators.get(generator)
+    prompts = _read_prompts(input_path)
+    if settings.get("data") is not None:
+        settings["data_dir"] = settings.pop("data")
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    given = {k: v for k, v in settings.items() if v is not None}
+    unused = [k for k in given if k not in params]
+    if unused:
+        raise HarnessError(f"generator '{generator}' has no setting {', '.join('--' + u.replace('_', '-') for u in unused)}")
+    sets = cls(**given).generate(prompts)
+    empty = [p for p, v in sets.items() if not v]
+    if empty:
+        raise HarnessError(f"generator '{generator}' wrote no contrastive prompts for {empty[0]!r}")
+    write_json(out, sets)
+    sizes = [len(v) for v in sets.values()]
+    click.echo(f"Wrote {len(sets)} prompt sets ({min(sizes)}-{max(sizes)} contrastive prompts each) to {out}", err=True)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise HarnessError(f"cannot read prompts file '{path}': {exc.strerror}") from exc
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise HarnessError(f"malformed JSON prompts file '{path}': {exc.msg}") from exc
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = list(dict.fromkeys(p for p in prompts if isinstance(p, str) and p.strip()))
+    if not prompts:
+        raise HarnessError(f"prompts file '{path}' has no prompts")
+    return prompts
+
+
 def _default_out(benchmark: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{benchmark}-{stamp}"
@@ -270,11 +332,26 @@ def _default_out(benchmark: str) -> Path:
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--json", "as_json", is_flag=True, help="Print leaderboard.json to stdout instead of tables.")
 @_model_options
+@click.option("--normalizer", "normalizers", multiple=True,
+              help="Per-model normalizer: textnorm, identity, or zscore (repeatable).")
+@click.option("--ensemble", "ensembles", multiple=True, help="Ensemble over all --model: mean, ur, zscore.")
+@click.option("--prompts", "prompt_sets", default="tia2", show_default=True,
+              help="Contrastive prompts: tia2, rules, llm, or a JSON file {prompt: [prompts]}.")
+@click.option("--oracle", is_flag=True,
+              help="Tune TextNorm per prompt against its labels (rows labelled 'oracle').")
+@click.option("--folds", default=5, show_default=True, help="Cross-validation folds over prompts.")
+@click.option("--select-metric", default="auroc", show_default=True, help="Metric that hyperparameters maximise.")
+@click.option("--standardize", is_flag=True, help="Standardise each model's raw scores before TextNorm.")
+@click.option("--llm-model", default=None, help="Chat model for --prompts llm.")
+@click.option("--llm-base-url", default=None, help="OpenAI-compatible server for --prompts llm.")
 def leaderboard_command(
     benchmark: str, data: Path | None, images: Path | None, skip_missing: bool,
     subsets: tuple[str, ...], out: Path | None, seed: int, n_boot: int, confidence: float,
     no_plots: bool, as_json: bool, models: tuple[str, ...], device: str | None, dtype: str,
     batch_size: int, workers: int, cache: Path | None, no_cache: bool,
+    normalizers: tuple[str, ...], ensembles: tuple[str, ...], prompt_sets: str, oracle: bool,
+    folds: int, select_metric: str, standardize: bool, llm_model: str | None,
+    llm_base_url: str | None,
 ) -> None:
     """Evaluate reward models on BENCHMARK (default tia2) and write a run folder.
 
@@ -290,6 +367,10 @@ def leaderboard_command(
         out=out or _default_out(benchmark), plots=not no_plots, models=models, device=device,
         dtype=dtype, batch_size=batch_size, num_workers=workers,
         cache=False if no_cache else (cache or True), progress=not as_json,
+        normalizers=normalizers, ensembles=ensembles, prompt_sets=prompt_sets,
+        prompt_options={k: v for k, v in {"model": llm_model, "base_url": llm_base_url}.items() if v},
+        selection="oracle" if oracle else "cv", folds=folds, select_metric=select_metric,
+        standardize=standardize,
     )
     if as_json:
         click.echo(json.dumps(rows_as_records(result.rows), indent=2))

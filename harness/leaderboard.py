@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness.agreement import human_agreement
@@ -78,6 +79,14 @@ def run_leaderboard(
     num_workers: int = 0,
     cache: str | Path | None | bool = True,
     progress: bool = False,
+    normalizers: Sequence[str] = (),
+    ensembles: Sequence[str] = (),
+    prompt_sets: str = "tia2",
+    prompt_options: dict[str, Any] | None = None,
+    selection: str = "cv",
+    folds: int = 5,
+    select_metric: str = "auroc",
+    standardize: bool = False,
 ) -> LeaderboardResult:
     """Build the leaderboard of ``benchmark``; write a run folder when ``out`` is given.
 
@@ -86,6 +95,11 @@ def run_leaderboard(
     :param n_boot: bootstrap resamples over prompts for the CIs (0 disables them).
     :param models: reward-model specs (``clip``, ``blip2:mode=itc``, ...) to score on the images.
     :param cache: score cache path; True for the default in the user cache, False for none.
+    :param normalizers: per-model normalizers (``textnorm``, ``identity``) and ``zscore``.
+    :param ensembles: ensembles over all ``models`` (``mean``, ``ur``, ``zscore``).
+    :param prompt_sets: contrastive prompts: a generator id (``tia2``, ``rules``, ``llm``) or a
+        JSON file ``{prompt: [contrastive prompts]}``.
+    :param selection: ``cv`` (k-fold over prompts, ``folds``) or ``oracle`` (per prompt, labelled).
     """
     if n_boot < 0:
         raise HarnessError(f"--bootstrap must be >= 0, got {n_boot}")
@@ -97,6 +111,11 @@ def run_leaderboard(
     missing: list[str] = []
     if models and images is None:
         raise HarnessError("scoring reward models needs the benchmark images: pass --images DIR")
+    if (normalizers or ensembles) and not models:
+        raise HarnessError("--normalizer and --ensemble need reward models: pass --model")
+    if "ur" in ensembles or "mean" in ensembles:
+        if len(models) < 2:
+            raise HarnessError("an ensemble needs at least two --model")
     if images is not None:
         loaded, missing = bench.resolve_images(loaded, images, skip_missing=skip_missing)
     labels = loaded.images
@@ -127,12 +146,26 @@ def run_leaderboard(
     comparisons = None
     failed: dict[str, str] = {}
     model_info: list[dict[str, Any]] = []
+    calibration: list[dict[str, Any]] = []
     if models:
+        contrastive = None
+        if normalizers or ensembles:
+            contrastive = contrastive_sets(labels, loaded, prompt_sets, prompt_options or {}, data)
         scores_frame, failed, model_info = _score_models(
             labels, models, device=device, dtype=dtype, batch_size=batch_size,
-            num_workers=num_workers, cache=cache, progress=progress,
+            num_workers=num_workers, cache=cache, progress=progress, contrastive=contrastive,
         )
-        scored = scores_frame.merge(
+        if normalizers or ensembles:
+            cal_parts, calibration = _calibrated_rows(
+                scores_frame, labels, [m["method"] for m in model_info], normalizers, ensembles,
+                prompt_sets=prompt_sets, selection=selection, folds=folds, seed=seed,
+                metric=select_metric, standardize=standardize,
+            )
+            parts.extend(cal_parts)
+            for c in calibration:
+                notes.append(f"{c['subset']}/{c['method']}: prompts {c['prompts']}; {c['summary']}")
+        own = scores_frame[scores_frame["column"] == 0]
+        scored = own.merge(
             labels[["subset", "prompt", "image", "binary", "graded"]],
             on=["subset", "prompt", "image"], how="left",
         )
@@ -180,6 +213,13 @@ def run_leaderboard(
         "batch_size": batch_size,
         "num_workers": num_workers,
         "cache": str(cache) if not isinstance(cache, bool) else cache,
+        "normalizers": list(normalizers),
+        "ensembles": list(ensembles),
+        "prompt_sets": prompt_sets if (normalizers or ensembles) else None,
+        "selection": selection,
+        "folds": folds,
+        "select_metric": select_metric,
+        "standardize": standardize,
     }
     from harness.manifest import build_manifest
 
@@ -196,6 +236,7 @@ def run_leaderboard(
         },
     )
     manifest["models"] = model_info
+    manifest["calibration"] = calibration
     result = LeaderboardResult(rows, per_prompt, manifest, notes, missing, scores=scores_frame,
                                comparisons=comparisons, failed_images=failed)
     if out is not None:
@@ -218,8 +259,13 @@ def _open_cache(cache: str | Path | None | bool):
 def _score_models(
     labels: pd.DataFrame, models: Sequence[str], *, device: str | None, dtype: str | None,
     batch_size: int, num_workers: int, cache: str | Path | None | bool, progress: bool,
+    contrastive: dict[tuple[str, str], list[str]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, str], list[dict[str, Any]]]:
-    """Score every image against its own prompt with each model."""
+    """Score every image against its own prompt (column 0) and its contrastive prompts.
+
+    :returns: a long table ``subset, prompt, image, method, column, text, score``, the images
+        that could not be read, and each model's description for the manifest.
+    """
     from harness.reward_models import load_reward_model, parse_model_spec
     from harness.scoring import score_images
 
@@ -229,16 +275,24 @@ def _score_models(
         for text in models:
             spec = parse_model_spec(text)
             model = load_reward_model(spec, device=device, dtype=dtype)
+            texts = [
+                [p] + (list(contrastive.get((str(s), p), [])) if contrastive else [])
+                for s, p in zip(labels["subset"], labels["prompt"], strict=True)
+            ]
             run = score_images(
-                model, labels["path"].tolist(), [[p] for p in labels["prompt"]],
+                model, labels["path"].tolist(), texts,
                 cache=store, batch_size=batch_size, num_workers=num_workers, progress=progress,
             )
             failed.update(run.failed)
             ok = [i for i, s in enumerate(run.scores) if s is not None]
-            frame = labels.iloc[ok][["subset", "prompt", "image"]].copy()
+            lengths = [len(texts[i]) for i in ok]
+            base = labels.iloc[ok][["subset", "prompt", "image"]]
+            frame = base.loc[base.index.repeat(lengths)].reset_index(drop=True)
             frame["subset"] = frame["subset"].astype(str)
             frame["method"] = spec.label
-            frame["score"] = [float(run.scores[i][0]) for i in ok]
+            frame["column"] = np.concatenate([np.arange(n) for n in lengths]) if ok else []
+            frame["text"] = [t for i in ok for t in texts[i]]
+            frame["score"] = np.concatenate([run.scores[i] for i in ok]) if ok else []
             frames.append(frame)
             info.append({**model.describe(), "method": spec.label, "spec": text,
                          "computed": run.computed, "cached": run.cached,
@@ -249,6 +303,82 @@ def _score_models(
         if store is not None:
             store.close()
     return pd.concat(frames, ignore_index=True), failed, info
+
+
+def contrastive_sets(
+    labels: pd.DataFrame, loaded: Any, prompt_sets: str, options: dict[str, Any],
+    data: str | Path | None,
+) -> dict[tuple[str, str], list[str]]:
+    """``{(subset, prompt): [contrastive prompts]}`` from a generator id or a JSON file."""
+    import json
+
+    pairs = list(dict.fromkeys(zip(labels["subset"].astype(str), labels["prompt"], strict=True)))
+    path = Path(prompt_sets).expanduser()
+    if prompt_sets == "tia2" and loaded.contrastive:
+        sets = {pair: loaded.contrastive.get(pair, []) for pair in pairs}
+    elif path.suffix == ".json" or path.is_file():
+        try:
+            by_prompt = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise HarnessError(f"cannot read prompt sets '{path}': {exc}") from exc
+        if not isinstance(by_prompt, dict):
+            raise HarnessError(f"prompt sets '{path}' must be a JSON object {{prompt: [prompts]}}")
+        sets = {(s, p): list(by_prompt.get(p, [])) for s, p in pairs}
+    else:
+        cls = get_plugins().prompt_generators.get(prompt_sets)
+        kwargs = dict(options)
+        if prompt_sets == "tia2":
+            kwargs.setdefault("data_dir", data)
+        generated = cls(**kwargs).generate(list(dict.fromkeys(p for _, p in pairs)))
+        sets = {(s, p): list(generated.get(p, [])) for s, p in pairs}
+    empty = [pair for pair, v in sets.items() if not v]
+    if empty:
+        s, p = empty[0]
+        raise HarnessError(
+            f"{len(empty)} prompts have no contrastive prompts in '{prompt_sets}', e.g. {s}: {p!r}"
+        )
+    return sets
+
+
+def _calibrated_rows(
+    scores: pd.DataFrame, labels: pd.DataFrame, models: list[str], normalizers: Sequence[str],
+    ensembles: Sequence[str], *, prompt_sets: str, selection: str, folds: int, seed: int,
+    metric: str, standardize: bool,
+) -> tuple[list[pd.DataFrame], list[dict[str, Any]]]:
+    from harness.calibration import ContrastiveScores, calibrate
+
+    registry = get_plugins().normalizers
+    for name in [*normalizers, *ensembles]:
+        registry.get(name)  # unknown ids fail here with "did you mean"
+    merged = scores.merge(labels[["subset", "prompt", "image", "binary", "graded"]].assign(
+        subset=labels["subset"].astype(str)), on=["subset", "prompt", "image"], how="left")
+    merged = merged.rename(columns={"method": "model"})
+    jobs: list[tuple[str, list[str]]] = []
+    for name in normalizers:
+        if name == "zscore":
+            jobs.append((name, models))
+        else:
+            jobs += [(name, [m]) for m in models]
+    jobs += [(name, models) for name in ensembles if (name, models) not in jobs]
+    parts, record = [], []
+    for subset, frame in merged.groupby("subset", sort=False):
+        tensor = ContrastiveScores.from_long(frame, subset)
+        if standardize:
+            tensor = tensor.standardized()
+        for name, group in jobs:
+            result = calibrate(tensor, name, group, selection=selection, k=folds, seed=seed,
+                               metric=metric)
+            label = f"{name}({'+'.join(group)})"
+            pp = result.per_prompt.assign(subset=subset, method=label,
+                                          source="oracle" if result.selection == "oracle" else "scored")
+            counts = frame[frame["column"] == 0].groupby("prompt")["binary"].agg(
+                n_images="size", n_positive="sum")
+            pp = pp.merge(counts, left_on="prompt", right_index=True, how="left")
+            parts.append(pp)
+            record.append({"subset": subset, "method": label, "prompts": prompt_sets,
+                           "selection": result.selection, "standardize": standardize,
+                           "summary": result.summary(), "chosen": result.chosen})
+    return parts, record
 
 
 def compare_with_reported(

@@ -44,6 +44,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "harness_plugins.pickscore",
     "harness_plugins.blip2",
     "harness_plugins.imagereward",
+    "harness_plugins.textnorm",
+    "harness_plugins.rules",
+    "harness_plugins.llm",
 )
 
 

@@ -25,7 +25,7 @@ from harness.data.download import cache_dir, fetch, sha256_file
 from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
 from harness.metrics import METRICS
-from harness.types import Benchmark, BenchmarkData
+from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
 
 log = logging.getLogger("harness.tia2")
 
@@ -286,6 +286,35 @@ class TIA2(Benchmark):
         return resolved, missing
 
 
+class TIA2Prompts(PromptSetGenerator):
+    """The contrastive prompt sets released with TIA2 (looked up by prompt text)."""
+
+    id: ClassVar[str] = "tia2"
+
+    def __init__(self, data_dir: str | Path | None = None, cache: str | Path | None = None):
+        bench = TIA2(data_dir, cache=cache)
+        self.sets: dict[str, list[str]] = {}
+        for subset in bench.subsets:
+            for (_, prompt), values in bench._load_prompt_sets(subset).items():
+                self.sets.setdefault(prompt, values)
+
+    def generate(self, prompts: Sequence[str]) -> dict[str, list[str]]:
+        out = {}
+        for prompt in prompts:
+            if prompt not in self.sets:
+                raise HarnessError(
+                    f"prompt {prompt!r} is not a TIA2 prompt, so it has no released contrastive "
+                    "set: use the rules or llm generator"
+                )
+            out[prompt] = list(self.sets[prompt])
+        return out
+
+
 @hookimpl
 def register_benchmarks(register):
     register(TIA2)
+
+
+@hookimpl
+def register_prompt_generators(register):
+    register(TIA2Prompts)

