@@ -116,3 +116,42 @@ def test_harness_score_command(setup, tmp_path):
     one_line_error(harness("score", "--model", "clip", "--images", folder), "--prompt")
     one_line_error(harness("score", "--model", f"clip:checkpoint={setup['clip']}", "--pairs",
                            tmp_path / "missing.csv"), "cannot read --pairs file")
+
+
+def test_textnorm_rows_with_cross_validation_and_oracle(setup, tia2_dir):
+    out = setup["root"] / "tn"
+    result = run_board(setup, tia2_dir, out, "--normalizer", "textnorm", "--ensemble", "mean",
+                       "--ensemble", "ur", "--prompts", "tia2", "--folds", 3)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["method"], r["source"]): r for r in json.loads((out / "leaderboard.json").read_text())}
+    for method in ("textnorm(clip)", "textnorm(blip2)", "mean(clip+blip2)", "ur(clip+blip2)"):
+        assert rows[(method, "scored")]["n_prompts"] == 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    cal = {c["method"]: c for c in manifest["calibration"]}
+    assert cal["ur(clip+blip2)"]["selection"] == "cv" and cal["ur(clip+blip2)"]["prompts"] == "tia2"
+    assert len(cal["ur(clip+blip2)"]["chosen"]) == 3
+    assert {"scale[clip]", "scale[blip2]", "lambda"} <= set(cal["ur(clip+blip2)"]["chosen"][0])
+    assert "3-fold cv" in (out / "leaderboard.md").read_text()
+    # Every image was scored against its prompt and the released contrastive prompts, once.
+    scores = pd.read_parquet(out / "scores.parquet")
+    per_image = scores[scores["method"] == "clip"].groupby("image")["column"].max()
+    assert set(per_image) <= {2, 3, 4} and len(per_image) == 300
+
+    oracle = run_board(setup, tia2_dir, setup["root"] / "tn-oracle", "--normalizer", "textnorm",
+                       "--prompts", "rules", "--oracle")
+    assert oracle.returncode == 0, oracle.stderr
+    rows = json.loads((setup["root"] / "tn-oracle" / "leaderboard.json").read_text())
+    assert {r["source"] for r in rows if r["method"].startswith("textnorm(")} == {"oracle"}
+    assert "oracle: tuned per prompt" in (setup["root"] / "tn-oracle" / "leaderboard.md").read_text()
+    # The rules reproduce the released counting sets, so every pair is already in the cache.
+    manifest = json.loads((setup["root"] / "tn-oracle" / "manifest.json").read_text())
+    assert [m["computed"] for m in manifest["models"]] == [0, 0]
+
+
+def test_textnorm_bad_input(setup, tia2_dir, tmp_path):
+    one_line_error(run_board(setup, tia2_dir, tmp_path / "o", "--normalizer", "textnrom"),
+                   "Unknown normalizer 'textnrom'. Did you mean 'textnorm'?")
+    empty = tmp_path / "sets.json"
+    empty.write_text(json.dumps({p: [] for p in setup["chosen"]}))
+    one_line_error(run_board(setup, tia2_dir, tmp_path / "o", "--normalizer", "textnorm",
+                             "--prompts", empty), "have no contrastive prompts")
