@@ -103,10 +103,27 @@ def _model_options(fn):
         click.option("--cache", type=click.Path(path_type=Path), default=None,
                      help="Score cache (SQLite; default: <user cache>/scores.sqlite)."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the score cache."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Score in this process or on a Ray cluster."),
+        click.option("--address", default=None,
+                     help="Ray cluster: auto (the cluster of `ray start`), ray://host:10001; default: a local instance."),
+        click.option("--actors", default=1, show_default=True, help="Ray: model actors in the pool."),
+        click.option("--gpus-per-actor", default=None, type=float,
+                     help="Ray: GPUs per model actor, fractional allowed (default: 1 if the cluster has GPUs, else 0)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _ray_options(executor: str, address: str | None, actors: int, gpus_per_actor: float | None) -> Any:
+    if executor != "ray":
+        if address is not None or actors != 1 or gpus_per_actor is not None:
+            raise HarnessError("--address, --actors and --gpus-per-actor need --executor ray")
+        return None
+    from harness.ray_executor import RayOptions
+
+    return RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
 
 
 def _print_comparisons(comparisons: Any) -> None:
@@ -165,7 +182,8 @@ def models_command(as_json: bool) -> None:
 def score_command(
     images: Path | None, prompts: tuple[str, ...], pairs: Path | None, out: Path | None,
     as_json: bool, models: tuple[str, ...], device: str | None, dtype: str, batch_size: int,
-    workers: int, cache: Path | None, no_cache: bool,
+    workers: int, cache: Path | None, no_cache: bool, executor: str, address: str | None,
+    actors: int, gpus_per_actor: float | None,
 ) -> None:
     """Score images against prompts with one or more reward models."""
     import pandas as pd
@@ -185,7 +203,8 @@ def score_command(
             spec = parse_model_spec(text)
             model = load_reward_model(spec, device=device, dtype=dtype)
             run = score_images(model, paths, per_image, cache=store, batch_size=batch_size,
-                               num_workers=workers, progress=not as_json)
+                               num_workers=workers, progress=not as_json, executor=executor,
+                               ray_options=_ray_options(executor, address, actors, gpus_per_actor))
             failed.update(run.failed)
             for path, ps, values in zip(paths, per_image, run.scores, strict=True):
                 if values is None:
@@ -348,8 +367,8 @@ def leaderboard_command(
     benchmark: str, data: Path | None, images: Path | None, skip_missing: bool,
     subsets: tuple[str, ...], out: Path | None, seed: int, n_boot: int, confidence: float,
     no_plots: bool, as_json: bool, models: tuple[str, ...], device: str | None, dtype: str,
-    batch_size: int, workers: int, cache: Path | None, no_cache: bool,
-    normalizers: tuple[str, ...], ensembles: tuple[str, ...], prompt_sets: str, oracle: bool,
+    batch_size: int, workers: int, cache: Path | None, no_cache: bool, executor: str,
+    address: str | None, actors: int, gpus_per_actor: float | None, normalizers: tuple[str, ...], ensembles: tuple[str, ...], prompt_sets: str, oracle: bool,
     folds: int, select_metric: str, standardize: bool, llm_model: str | None,
     llm_base_url: str | None,
 ) -> None:
@@ -370,7 +389,8 @@ def leaderboard_command(
         normalizers=normalizers, ensembles=ensembles, prompt_sets=prompt_sets,
         prompt_options={k: v for k, v in {"model": llm_model, "base_url": llm_base_url}.items() if v},
         selection="oracle" if oracle else "cv", folds=folds, select_metric=select_metric,
-        standardize=standardize,
+        standardize=standardize, executor=executor,
+        ray_options=_ray_options(executor, address, actors, gpus_per_actor),
     )
     if as_json:
         click.echo(json.dumps(rows_as_records(result.rows), indent=2))

@@ -97,3 +97,13 @@ def weights_fingerprint(checkpoint: str) -> str | None:
             while block := fh.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class ImageProcessorCall:
+    """Picklable ``PIL image -> float32 [3, H, W]`` through a transformers image processor."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Any) -> Any:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]

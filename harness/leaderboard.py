@@ -87,6 +87,8 @@ def run_leaderboard(
     folds: int = 5,
     select_metric: str = "auroc",
     standardize: bool = False,
+    executor: str = "local",
+    ray_options: Any = None,
 ) -> LeaderboardResult:
     """Build the leaderboard of ``benchmark``; write a run folder when ``out`` is given.
 
@@ -154,6 +156,7 @@ def run_leaderboard(
         scores_frame, failed, model_info = _score_models(
             labels, models, device=device, dtype=dtype, batch_size=batch_size,
             num_workers=num_workers, cache=cache, progress=progress, contrastive=contrastive,
+            executor=executor, ray_options=ray_options,
         )
         if normalizers or ensembles:
             cal_parts, calibration = _calibrated_rows(
@@ -220,6 +223,10 @@ def run_leaderboard(
         "folds": folds,
         "select_metric": select_metric,
         "standardize": standardize,
+        "executor": executor,
+        "ray": None if ray_options is None else {
+            "address": ray_options.address, "actors": ray_options.actors,
+            "gpus_per_actor": ray_options.gpus_per_actor, "cpus_per_actor": ray_options.cpus_per_actor},
     }
     from harness.manifest import build_manifest
 
@@ -260,6 +267,7 @@ def _score_models(
     labels: pd.DataFrame, models: Sequence[str], *, device: str | None, dtype: str | None,
     batch_size: int, num_workers: int, cache: str | Path | None | bool, progress: bool,
     contrastive: dict[tuple[str, str], list[str]] | None = None,
+    executor: str = "local", ray_options: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, str], list[dict[str, Any]]]:
     """Score every image against its own prompt (column 0) and its contrastive prompts.
 
@@ -282,6 +290,7 @@ def _score_models(
             run = score_images(
                 model, labels["path"].tolist(), texts,
                 cache=store, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                executor=executor, ray_options=ray_options,
             )
             failed.update(run.failed)
             ok = [i for i, s in enumerate(run.scores) if s is not None]

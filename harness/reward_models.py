@@ -93,4 +93,8 @@ def load_reward_model(
         kwargs["device"] = device
     if "dtype" in params or accepts_any:
         kwargs["dtype"] = dtype
-    return cls(**kwargs)
+    model = cls(**kwargs)
+    # How to build this model again elsewhere (a Ray actor): the spec, less where it runs.
+    model.harness_spec = ModelSpec(spec.name, dict(options))
+    model.harness_dtype = dtype
+    return model

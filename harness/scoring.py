@@ -152,97 +152,141 @@ def score_images(
     num_workers: int = 0,
     progress: bool = False,
     pin_memory: bool | None = None,
+    executor: str = "local",
+    ray_options: Any = None,
 ) -> ScoreRun:
     """Score ``paths[i]`` against every prompt in ``prompts[i]``.
 
     :param batch_size: images per forward pass (each with all its prompts).
-    :param num_workers: DataLoader worker processes that decode and preprocess images.
+    :param num_workers: DataLoader worker processes that decode and preprocess images (local).
+    :param executor: ``local`` (this process) or ``ray`` (see :mod:`harness.ray_executor`;
+        ``ray_options`` is a :class:`~harness.ray_executor.RayOptions`). Both read and write the
+        same cache and give the same scores.
     :returns: a :class:`ScoreRun`; ``scores[i]`` is None for images in ``failed``.
     """
-    import time
-
     if len(paths) != len(prompts):
         raise ValueError(f"{len(paths)} images but {len(prompts)} prompt lists")
     if batch_size < 1:
         raise HarnessError(f"batch size must be >= 1, got {batch_size}")
-    start = time.perf_counter()
-    paths = [str(p) for p in paths]
-    prompts = [list(p) for p in prompts]
-    key = model_cache_key(model)
-    model_name = getattr(model, "id", type(model).__name__)
-    run = ScoreRun(scores=[None] * len(paths))
-
-    hashes: list[str | None] = []
-    for p in paths:
-        try:
-            hashes.append(file_sha256(p))
-        except OSError as exc:
-            hashes.append(None)
-            run.failed[p] = f"{type(exc).__name__}: {exc.strerror or exc}"
-
-    todo: list[int] = []
-    cached = cache.get(key, [h for h in hashes if h is not None]) if cache is not None else {}
-    for i, h in enumerate(hashes):
-        if h is None:
-            continue
-        got = [cached.get((h, q)) for q in prompts[i]]
-        if all(v is not None for v in got):
-            run.scores[i] = np.asarray(got, dtype=np.float64)
-            run.cached += len(got)
-        else:
-            todo.append(i)
-
-    if todo:
-        from torch.utils.data import DataLoader
-
-        if pin_memory is None:
-            pin_memory = str(getattr(model, "device", "cpu")).startswith("cuda")
-        loader = DataLoader(
-            _Images([paths[i] for i in todo], model.preprocess),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=pin_memory,
-            persistent_workers=False,
-        )
+    if executor not in ("local", "ray"):
+        raise HarnessError(f"unknown executor '{executor}' (local or ray)")
+    plan = ScorePlan(model, paths, prompts, cache)
+    if plan.todo:
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), unit="img", desc=f"{model_name}", dynamic_ncols=True)
+            bar = tqdm(total=len(plan.todo), unit="img", desc=plan.model_name, dynamic_ncols=True)
         try:
-            for local_ids, batch, bad in loader:
-                for j, err in bad:
-                    run.failed[paths[todo[j]]] = err
-                if local_ids:
-                    ids = [todo[j] for j in local_ids]
-                    batch_prompts = [prompts[i] for i in ids]
-                    results = _run_with_backoff(model, batch, batch_prompts)
-                    rows = []
-                    for i, values in zip(ids, results, strict=True):
-                        if values.shape != (len(prompts[i]),):
-                            raise HarnessError(
-                                f"reward model '{model_name}' returned {values.shape[0]} scores for "
-                                f"{len(prompts[i])} prompts of image {paths[i]}"
-                            )
-                        bad_at = np.flatnonzero(~np.isfinite(values))
-                        if bad_at.size:
-                            k = int(bad_at[0])
-                            raise HarnessError(
-                                f"reward model '{model_name}' returned a non-finite score "
-                                f"({values[k]}) for image {paths[i]} and prompt {prompts[i][k]!r}"
-                            )
-                        run.scores[i] = values
-                        rows.extend(zip([hashes[i]] * len(values), prompts[i], values.tolist(), strict=True))
-                    if cache is not None:
-                        cache.put(key, rows)
-                    run.computed += len(rows)
-                    run.encoded_images += len(ids)
+            if executor == "ray":
+                from harness.ray_executor import ray_batches
+
+                batches = ray_batches(model, plan, batch_size, ray_options)
+            else:
+                batches = _local_batches(model, plan, batch_size, num_workers, pin_memory)
+            for ids, results, bad in batches:
+                plan.accept(ids, results, bad)
                 if bar is not None:
-                    bar.update(len(local_ids) + len(bad))
+                    bar.update(len(ids) + len(bad))
         finally:
             if bar is not None:
                 bar.close()
-    run.seconds = time.perf_counter() - start
-    return run
+    return plan.finish()
+
+
+class ScorePlan:
+    """What a scoring run must compute, and the bookkeeping shared by every executor.
+
+    Hashes the images, takes what the cache already has, and leaves the rest in ``todo``;
+    :meth:`accept` validates a batch of results (shape, finiteness), stores it in the run and the
+    cache, so executors only produce ``(indices, score arrays, failures)`` batches.
+    """
+
+    def __init__(self, model: RewardModel, paths: Sequence[str | Path],
+                 prompts: Sequence[Sequence[str]], cache: ScoreCache | None):
+        import time
+
+        self.start = time.perf_counter()
+        self.paths = [str(p) for p in paths]
+        self.prompts = [list(p) for p in prompts]
+        self.cache = cache
+        self.key = model_cache_key(model)
+        self.model_name = getattr(model, "id", type(model).__name__)
+        self.run = ScoreRun(scores=[None] * len(self.paths))
+        self.hashes: list[str | None] = []
+        for p in self.paths:
+            try:
+                self.hashes.append(file_sha256(p))
+            except OSError as exc:
+                self.hashes.append(None)
+                self.run.failed[p] = f"{type(exc).__name__}: {exc.strerror or exc}"
+        self.todo: list[int] = []
+        self._accepted: set[int] = set()
+        found = cache.get(self.key, [h for h in self.hashes if h is not None]) if cache else {}
+        for i, h in enumerate(self.hashes):
+            if h is None:
+                continue
+            got = [found.get((h, q)) for q in self.prompts[i]]
+            if all(v is not None for v in got):
+                self.run.scores[i] = np.asarray(got, dtype=np.float64)
+                self.run.cached += len(got)
+            else:
+                self.todo.append(i)
+
+    def accept(self, ids: Sequence[int], results: Sequence[np.ndarray],
+               bad: Sequence[tuple[int, str]] = ()) -> None:
+        """Record scores of images ``ids`` (indices into the run) and failures ``(index, why)``."""
+        for i, err in bad:
+            self.run.failed[self.paths[i]] = err
+        rows = []
+        for i, values in zip(ids, results, strict=True):
+            if i in self._accepted:
+                continue  # a retried batch delivered twice: keep the first
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            if values.shape != (len(self.prompts[i]),):
+                raise HarnessError(
+                    f"reward model '{self.model_name}' returned {values.shape[0]} scores for "
+                    f"{len(self.prompts[i])} prompts of image {self.paths[i]}"
+                )
+            bad_at = np.flatnonzero(~np.isfinite(values))
+            if bad_at.size:
+                k = int(bad_at[0])
+                raise HarnessError(
+                    f"reward model '{self.model_name}' returned a non-finite score "
+                    f"({values[k]}) for image {self.paths[i]} and prompt {self.prompts[i][k]!r}"
+                )
+            self.run.scores[i] = values
+            self._accepted.add(i)
+            rows.extend(zip([self.hashes[i]] * len(values), self.prompts[i], values.tolist(), strict=True))
+            self.run.encoded_images += 1
+        if self.cache is not None and rows:
+            self.cache.put(self.key, rows)
+        self.run.computed += len(rows)
+
+    def finish(self) -> ScoreRun:
+        import time
+
+        self.run.seconds = time.perf_counter() - self.start
+        return self.run
+
+
+def _local_batches(model: RewardModel, plan: ScorePlan, batch_size: int, num_workers: int,
+                   pin_memory: bool | None):
+    """The local executor: a DataLoader decodes and preprocesses; this process scores."""
+    from torch.utils.data import DataLoader
+
+    if pin_memory is None:
+        pin_memory = str(getattr(model, "device", "cpu")).startswith("cuda")
+    loader = DataLoader(
+        _Images([plan.paths[i] for i in plan.todo], model.preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+    for local_ids, batch, bad in loader:
+        ids = [plan.todo[j] for j in local_ids]
+        results = _run_with_backoff(model, batch, [plan.prompts[i] for i in ids]) if ids else []
+        yield ids, results, [(plan.todo[j], err) for j, err in bad]

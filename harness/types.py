@@ -36,10 +36,21 @@ class RewardModel(ABC):
     #: Bump when :meth:`preprocess` changes numerically: it keys the score cache.
     preprocessing_version: ClassVar[str] = "1"
     default_checkpoint: ClassVar[str | None] = None
+    #: A Ray runtime_env for this model's actors (pip requirements, env vars), so models with
+    #: conflicting dependencies can run side by side on one cluster. None: the driver's env.
+    ray_runtime_env: ClassVar[dict[str, Any] | None] = None
 
     @abstractmethod
     def preprocess(self, image: Any) -> Any:
         """One ``PIL.Image.Image`` (RGB) -> one model input (e.g. float32 ``[3, H, W]``)."""
+
+    def preprocessor(self) -> Any:
+        """A picklable callable doing :meth:`preprocess` without the model's weights.
+
+        Sent to data-loading processes (Ray's CPU stage); override when ``self.preprocess`` would
+        drag the whole model along when pickled.
+        """
+        return self.preprocess
 
     @abstractmethod
     def embed_images(self, batch: Any) -> Any:

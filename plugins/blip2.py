@@ -82,6 +82,11 @@ class BLIP2Reward(RewardModel):
         """PIL image -> float32 ``[3, H, W]`` (BLIP normalisation, 224 px for ViT-g)."""
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def preprocessor(self) -> Any:
+        from harness.hf import ImageProcessorCall
+
+        return ImageProcessorCall(self.image_processor)
+
     def embed_images(self, batch: Any) -> Any:
         """``[B, 3, H, W]`` -> ``{"image_embeds": [B, 1 + patches, Dv]}`` (+ ``"query": [B, Q, D]``
         unit-norm projected query embeddings in ITC mode)."""

@@ -84,6 +84,11 @@ class CLIPReward(RewardModel):
         """PIL image -> float32 ``[3, H, W]`` normalised pixels (the checkpoint's processor)."""
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def preprocessor(self) -> Any:
+        from harness.hf import ImageProcessorCall
+
+        return ImageProcessorCall(self.image_processor)
+
     def embed_images(self, batch: Any) -> Any:
         """``[B, 3, H, W]`` -> unit-norm float32 image embeddings ``[B, D]``."""
         torch = self._torch

@@ -91,6 +91,10 @@ class ChatServer:
                     pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # Join request threads on close: a generation still running in a daemon thread when the
+        # interpreter exits aborts the process.
+        self.httpd.daemon_threads = False
+        self.httpd.block_on_close = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
