@@ -333,6 +333,38 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+@cli.command("finetune")
+@click.argument("method", type=click.Choice(["sft", "ddpo"]))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="YAML file of settings (see docs/finetune.md).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config setting.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
+def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...], resume: bool) -> None:
+    """Fine-tune Stable Diffusion against a reward with SFT or DDPO (LoRA)."""
+    import yaml
+
+    from harness.finetune.config import load_config
+    from harness.plugins import get_plugins
+
+    tuner = get_plugins().finetuners.get(f"sd_{method}")
+    extra = {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise HarnessError(f"--set expects KEY=VALUE, got '{item}'")
+        extra[key.strip()] = yaml.safe_load(value)
+    if resume:
+        extra["resume_from"] = "latest"
+    config = load_config(tuner.config_class, config_path, **extra)
+    result = tuner.trainer_class(config, progress=True).train()
+    last = result["log"][-1] if result["log"] else {}
+    click.echo(f"Trained {config.num_epochs} epochs; last mean reward {last.get('reward_mean', float('nan')):.4f}; "
+               f"checkpoints in {config.output_dir}/checkpoints", err=True)
+    if result.get("selected"):
+        click.echo(f"Selected checkpoint: epoch {result['selected']['epoch']} "
+                   f"(wins over the base model per epoch: {result['selected']['wins']})", err=True)
+
+
 def _default_out(benchmark: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{benchmark}-{stamp}"

@@ -164,3 +164,37 @@ def make_tiny_blip2(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     tok.save_pretrained(path)
     BlipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+def make_tiny_sd(path: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny Stable-Diffusion-shaped pipeline (UNet2DConditionModel, AutoencoderKL,
+    CLIPTextModel, the real CLIP tokenizer, DDIMScheduler), saved with save_pretrained."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=16,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path

@@ -1,0 +1,237 @@
+"""What the SFT and DDPO fine-tuners share: set-up, checkpoints, exact resume, logs, monitor.
+
+Determinism: every random draw of epoch ``e`` comes from generators seeded with
+``(seed, e, ...)``, and a checkpoint holds the adapters (or UNet), the optimizer state and the
+trainer state (epoch, step, per-prompt reward statistics), so a run resumed from a checkpoint
+continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.atomic import write_json, write_text
+from harness.errors import HarnessError
+from harness.finetune.config import FineTuneConfig
+
+log = logging.getLogger("harness.finetune")
+
+
+def seeded(*parts: int) -> Any:
+    """A CPU torch.Generator seeded deterministically from integers."""
+    import torch
+
+    seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+class RewardTrainer:
+    """Base of the fine-tuners: subclasses implement :meth:`epoch`."""
+
+    kind = "base"
+
+    def __init__(self, config: FineTuneConfig, reward: str | Callable[..., Any] | None = None,
+                 pipeline: Any = None, heldout: dict[str, Callable[..., Any]] | None = None,
+                 progress: bool = False):
+        import torch
+
+        from harness.finetune.diffusion import add_lora, load_pipeline
+        from harness.finetune.rewards import as_reward
+
+        config.validate()
+        self.config = config
+        self.prompts = config.training_prompts()
+        self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.on_gpu = self.device.startswith("cuda")
+        dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.mixed_precision, "float32")
+        self.dtype = dtype if self.on_gpu else "float32"
+        self.out = Path(config.output_dir).expanduser()
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        self.pipe = pipeline if pipeline is not None else load_pipeline(
+            config.base_model, config.revision, self.device, self.dtype)
+        reward = reward if reward is not None else config.reward
+        if callable(reward):
+            self.reward_name, self.reward = as_reward(reward)
+        else:
+            self.reward_name, self.reward = as_reward(
+                reward, normalizer=config.normalizer, scale=config.normalizer_scale,
+                contrastive=config.contrastive_prompts, prompts=self.prompts, device=self.device)
+        unet = self.pipe.unet
+        if config.use_lora:
+            self.params = add_lora(unet, config.lora_rank, config.lora_alpha)
+        else:
+            unet.requires_grad_(True)
+            self.params = list(unet.parameters())
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.train_learning_rate,
+            betas=(config.train_adam_beta1, config.train_adam_beta2),
+            weight_decay=config.train_adam_weight_decay, eps=config.train_adam_epsilon,
+        )
+        self.epoch_done = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.monitor = None
+        if config.eval_prompts and config.eval_freq:
+            from harness.finetune.monitor import OveroptimizationMonitor
+            from harness.finetune.rewards import RewardFunction
+
+            rewards = {self.reward_name: self.reward}
+            for spec in config.heldout_rewards:
+                rewards[spec] = RewardFunction(spec, device=self.device)
+            rewards.update(heldout or {})
+            self.monitor = OveroptimizationMonitor(
+                config.eval_prompts, config.eval_images_per_prompt, config.eval_seed, rewards,
+                self.out, self.reward_name)
+        self.progress = progress
+        if config.resume_from:
+            self.resume(config.resume_from)
+
+    # -- hooks for subclasses ---------------------------------------------------------------
+    def epoch(self, e: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- the loop ----------------------------------------------------------------------------
+    def check_rewards(self, rewards: np.ndarray, prompts: list[str], epoch: int) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        if bad.size:
+            last = self.latest_checkpoint()
+            raise HarnessError(
+                f"reward '{self.reward_name}' returned {rewards[bad[0]]} at epoch {epoch} "
+                f"(step {self.global_step}) for prompt {prompts[bad[0]]!r}; stopped. "
+                f"Last checkpoint: {last or 'none'}"
+            )
+        return rewards
+
+    def autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if not self.on_gpu or self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=getattr(torch, self.dtype))
+
+    def evaluate(self, epoch: int) -> None:
+        if self.monitor is None:
+            return
+        c = self.config
+        self.monitor.evaluate(self.pipe, epoch, num_steps=c.sample_num_steps,
+                              guidance=c.sample_guidance_scale, eta=c.sample_eta,
+                              resolution=c.resolution)
+
+    def train(self) -> dict[str, Any]:
+        """Run the remaining epochs; returns the log, checkpoints and the selected checkpoint."""
+        c = self.config
+        if self.epoch_done == 0 and self.monitor is not None:
+            self.evaluate(0)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.num_epochs, initial=self.epoch_done, unit="epoch", desc=self.kind)
+        try:
+            for e in range(self.epoch_done + 1, c.num_epochs + 1):
+                start = time.perf_counter()
+                logs = self.epoch(e)
+                logs.update({"epoch": e, "global_step": self.global_step,
+                             "seconds": round(time.perf_counter() - start, 3)})
+                self.history.append(logs)
+                self.epoch_done = e
+                if c.eval_freq and e % c.eval_freq == 0:
+                    self.evaluate(e)
+                if e % c.save_freq == 0 or e == c.num_epochs:
+                    self.save_checkpoint()
+                self.write_log()
+                if bar is not None:
+                    bar.set_postfix(reward=f"{logs.get('reward_mean', float('nan')):.4f}")
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        result = {"log": self.history, "checkpoints": [str(p) for p in self.checkpoints()]}
+        if self.monitor is not None:
+            epochs = [int(p.name.split("-")[1]) for p in self.checkpoints()]
+            result["selected"] = self.monitor.select_checkpoint(epochs)
+            write_json(self.out / "selected_checkpoint.json", result["selected"])
+        return result
+
+    def write_log(self) -> None:
+        import pandas as pd
+
+        write_text(self.out / "train_log.csv", pd.DataFrame(self.history).to_csv(index=False))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        folder = self.out / "checkpoints"
+        return sorted(folder.glob("epoch-*")) if folder.is_dir() else []
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save_checkpoint(self) -> Path:
+        import shutil
+
+        import torch
+
+        from harness.finetune.diffusion import save_lora
+
+        final = self.out / "checkpoints" / f"epoch-{self.epoch_done:04d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if self.config.use_lora:
+            save_lora(self.pipe.unet, tmp)
+        else:
+            self.pipe.unet.save_pretrained(tmp / "unet")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "trainer_state.json", {
+            "epoch": self.epoch_done, "global_step": self.global_step, "kind": self.kind,
+            "history": self.history, "state": self.state(),
+            "config": {k: v for k, v in vars(self.config).items()},
+        })
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint is complete or absent, never half-written
+        return final
+
+    def resume(self, where: str) -> None:
+        import torch
+
+        from harness.finetune.diffusion import load_lora
+
+        folder = self.latest_checkpoint() if where == "latest" else Path(where).expanduser()
+        if folder is None:
+            log.warning("resume_from=latest but no checkpoint in %s: starting fresh", self.out)
+            return
+        if not (folder / "trainer_state.json").is_file():
+            raise HarnessError(f"'{folder}' is not a checkpoint (no trainer_state.json)")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state.get("kind") != self.kind:
+            raise HarnessError(f"checkpoint '{folder}' is from a {state.get('kind')} run, not {self.kind}")
+        if self.config.use_lora:
+            load_lora(self.pipe.unet, folder)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            loaded = UNet2DConditionModel.from_pretrained(folder / "unet")
+            self.pipe.unet.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.epoch_done = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.load_state(state.get("state", {}))

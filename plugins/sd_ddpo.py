@@ -1,0 +1,137 @@
+"""DDPO fine-tuning of Stable Diffusion against any reward (Black et al., 2023).
+
+Each epoch samples ``sample_num_batches_per_epoch`` batches of images with the DDIM sampler at
+``eta`` > 0, recording every step's log-probability; rewards are standardised per prompt (a
+rolling per-prompt buffer, as trl's ``PerPromptStatTracker``) into advantages, clipped to
+``train_adv_clip_max``; then ``train_num_inner_epochs`` passes of the PPO-clipped objective over a
+random ``train_timestep_fraction`` of each chain's steps update the LoRA adapters. trl removed its
+``DDPOTrainer`` in v0.24; this loop keeps its config names, and its DDIM log-probability and
+clipped loss agree with trl 0.23.1 (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from harness.finetune.config import DDPOConfig
+from harness.finetune.trainer import RewardTrainer, seeded
+from harness.hookspecs import hookimpl
+from harness.types import FineTuner
+
+
+class DDPOTrainer(RewardTrainer):
+    kind = "ddpo"
+
+    def __init__(self, config: DDPOConfig, **kwargs: Any):
+        from harness.finetune.diffusion import PerPromptStatTracker
+
+        self.tracker = PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
+                                            config.per_prompt_stat_tracking_min_count)
+        super().__init__(config, **kwargs)
+
+    def state(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state.get("tracker", {}))
+
+    def sample(self, e: int) -> dict[str, Any]:
+        import torch
+
+        from harness.finetune.diffusion import encode_prompts, sample_with_logprob, to_pil
+
+        c = self.config
+        batches = []
+        for b in range(c.sample_num_batches_per_epoch):
+            g = seeded(c.seed, e, b)
+            idx = torch.randint(len(self.prompts), (c.sample_batch_size,), generator=g).tolist()
+            prompts = [self.prompts[i] for i in idx]
+            pos, neg = encode_prompts(self.pipe, prompts)
+            self.pipe.unet.eval()
+            with self.autocast():
+                out = sample_with_logprob(self.pipe, pos, neg, num_steps=c.sample_num_steps,
+                                          guidance=c.sample_guidance_scale, eta=c.sample_eta,
+                                          generator=g, resolution=c.resolution)
+            rewards = self.check_rewards(self.reward(to_pil(out["images"]), prompts), prompts, e)
+            batches.append({"prompts": prompts, "pos": pos, "neg": neg, "rewards": rewards,
+                            "latents": out["latents"], "log_probs": out["log_probs"],
+                            "timesteps": out["timesteps"]})
+        cat = {k: torch.cat([b[k] for b in batches]) for k in ("pos", "neg", "latents", "log_probs", "timesteps")}
+        cat["prompts"] = [p for b in batches for p in b["prompts"]]
+        cat["rewards"] = np.concatenate([b["rewards"] for b in batches])
+        return cat
+
+    def epoch(self, e: int) -> dict[str, Any]:
+        import torch
+
+        from harness.finetune.diffusion import ddim_step_with_logprob, ppo_loss, unet_guided
+
+        c = self.config
+        s = self.sample(e)
+        rewards = s["rewards"]
+        if c.per_prompt_stat_tracking:
+            adv = self.tracker.update(s["prompts"], rewards)
+        else:
+            adv = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+        advantages = torch.as_tensor(adv, dtype=torch.float32)
+        n, T = s["log_probs"].shape
+        n_train = max(1, int(T * c.train_timestep_fraction))
+        losses, kls, clipfracs = [], [], []
+        self.pipe.unet.train()
+        for inner in range(c.train_num_inner_epochs):
+            g = seeded(c.seed, e, 10_000 + inner)
+            order = torch.randperm(n, generator=g)
+            steps = torch.stack([torch.randperm(T, generator=g) for _ in range(n)])[:, :n_train]
+            accumulated = 0
+            for lo in range(0, n, c.train_batch_size):
+                ids = order[lo: lo + c.train_batch_size]
+                for j in range(n_train):
+                    col = steps[ids, j]
+                    lat = s["latents"][ids, col]
+                    nxt = s["latents"][ids, col + 1]
+                    t = s["timesteps"][ids, col]
+                    old = s["log_probs"][ids, col]
+                    with self.autocast():
+                        if c.train_cfg:
+                            pred = unet_guided(self.pipe, lat, t, s["pos"][ids], s["neg"][ids],
+                                               c.sample_guidance_scale)
+                        else:
+                            pred = self.pipe.unet(lat, t, encoder_hidden_states=s["pos"][ids]).sample
+                    _, log_prob = ddim_step_with_logprob(self.pipe.scheduler, pred.float(), t,
+                                                         lat.float(), c.sample_eta, prev_sample=nxt.float())
+                    a = torch.clamp(advantages[ids], -c.train_adv_clip_max, c.train_adv_clip_max)
+                    ratio = torch.exp(log_prob - old.float())
+                    loss = ppo_loss(a, ratio, c.train_clip_range)
+                    (loss / (n_train * c.train_gradient_accumulation_steps)).backward()
+                    losses.append(float(loss.detach()))
+                    kls.append(float(0.5 * torch.mean((log_prob.detach() - old) ** 2)))
+                    clipfracs.append(float(torch.mean((torch.abs(ratio.detach() - 1.0) > c.train_clip_range).float())))
+                accumulated += 1
+                if accumulated % c.train_gradient_accumulation_steps == 0 or lo + c.train_batch_size >= n:
+                    torch.nn.utils.clip_grad_norm_(self.params, c.train_max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)),
+                "clipfrac": float(np.mean(clipfracs)), "images": int(n)}
+
+
+class SDDDPO(FineTuner):
+    """DDPO (PPO over the DDIM chain) of Stable Diffusion with LoRA, against any reward."""
+
+    id: ClassVar[str] = "sd_ddpo"
+    config_class = DDPOConfig
+    trainer_class = DDPOTrainer
+
+    def train(self, pipeline: Any, reward: Any, prompts: Any, config: Any) -> Any:
+        if prompts:
+            config.prompts = list(prompts)
+        return self.trainer_class(config, reward=reward, pipeline=pipeline).train()
+
+
+@hookimpl
+def register_finetuners(register):
+    register(SDDDPO, aliases=("ddpo",))
