@@ -170,7 +170,12 @@ def make_tiny_sd(path: Path, seed: int = 0, prediction_type: str = "epsilon") ->
     """A tiny Stable-Diffusion-shaped pipeline (UNet2DConditionModel, AutoencoderKL,
     CLIPTextModel, the real CLIP tokenizer, DDIMScheduler), saved with save_pretrained."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
