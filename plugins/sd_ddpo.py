@@ -16,9 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.finetune.config import DDPOConfig
-from harness.finetune.trainer import RewardTrainer, seeded
+from harness.finetune.trainer import RewardTrainer, TrainerFineTuner, seeded
 from harness.hookspecs import hookimpl
-from harness.types import FineTuner
 
 
 class DDPOTrainer(RewardTrainer):
@@ -119,17 +118,12 @@ class DDPOTrainer(RewardTrainer):
                 "clipfrac": float(np.mean(clipfracs)), "images": int(n)}
 
 
-class SDDDPO(FineTuner):
+class SDDDPO(TrainerFineTuner):
     """DDPO (PPO over the DDIM chain) of Stable Diffusion with LoRA, against any reward."""
 
     id: ClassVar[str] = "sd_ddpo"
     config_class = DDPOConfig
     trainer_class = DDPOTrainer
-
-    def train(self, pipeline: Any, reward: Any, prompts: Any, config: Any) -> Any:
-        if prompts:
-            config.prompts = list(prompts)
-        return self.trainer_class(config, reward=reward, pipeline=pipeline).train()
 
 
 @hookimpl

@@ -14,9 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.finetune.config import SFTConfig
-from harness.finetune.trainer import RewardTrainer, seeded
+from harness.finetune.trainer import RewardTrainer, TrainerFineTuner, seeded
 from harness.hookspecs import hookimpl
-from harness.types import FineTuner
 
 
 class SFTTrainer(RewardTrainer):
@@ -88,17 +87,12 @@ class SFTTrainer(RewardTrainer):
                 "loss": float(np.mean(losses)), "prediction_type": kind, "images": int(len(rewards))}
 
 
-class SDSFT(FineTuner):
+class SDSFT(TrainerFineTuner):
     """Generate, keep the top 10% by reward, LoRA denoising-loss training (rounds)."""
 
     id: ClassVar[str] = "sd_sft"
     config_class = SFTConfig
     trainer_class = SFTTrainer
-
-    def train(self, pipeline: Any, reward: Any, prompts: Any, config: Any) -> Any:
-        if prompts:
-            config.prompts = list(prompts)
-        return self.trainer_class(config, reward=reward, pipeline=pipeline).train()
 
 
 @hookimpl

@@ -20,6 +20,7 @@ import numpy as np
 from harness.atomic import write_json, write_text
 from harness.errors import HarnessError
 from harness.finetune.config import FineTuneConfig
+from harness.types import FineTuner
 
 log = logging.getLogger("harness.finetune")
 
@@ -235,3 +236,17 @@ class RewardTrainer:
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         self.load_state(state.get("state", {}))
+
+
+class TrainerFineTuner(FineTuner):
+    """A FineTuner plugin backed by a :class:`RewardTrainer` subclass and its config class."""
+
+    config_class: type[FineTuneConfig] = FineTuneConfig
+    trainer_class: type[RewardTrainer] = RewardTrainer
+
+    def train(self, pipeline: Any, reward: Any, prompts: Any, config: Any) -> Any:
+        """Fine-tune ``pipeline`` (None: load ``config.base_model``) against ``reward`` on
+        ``prompts`` (None: ``config.prompts``); returns the log, checkpoints and selection."""
+        if prompts:
+            config.prompts = list(prompts)
+        return self.trainer_class(config, reward=reward, pipeline=pipeline).train()
