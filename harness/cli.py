@@ -339,7 +339,12 @@ def _read_prompts(path: Path) -> list[str]:
               help="YAML file of settings (see docs/finetune.md).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config setting.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
-def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...], resume: bool) -> None:
+@click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Train (data-parallel workers).")
+@click.option("--workers", default=2, show_default=True, help="Ray Train workers (with --ray).")
+@click.option("--address", default=None, help="Ray cluster address (with --ray; default: a local instance).")
+@click.option("--max-failures", default=2, show_default=True, help="Worker-group restarts from the last checkpoint (with --ray).")
+def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...], resume: bool,
+                     use_ray: bool, workers: int, address: str | None, max_failures: int) -> None:
     """Fine-tune Stable Diffusion against a reward with SFT or DDPO (LoRA)."""
     import yaml
 
@@ -356,6 +361,12 @@ def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...],
     if resume:
         extra["resume_from"] = "latest"
     config = load_config(tuner.config_class, config_path, **extra)
+    if use_ray:
+        from harness.finetune.ray_train import train_on_ray
+
+        result = train_on_ray(tuner.id, config, workers, address=address, max_failures=max_failures)
+        click.echo(f"Ray Train finished {len(result['log'])} epochs; last checkpoint {result['checkpoint']}", err=True)
+        return
     result = tuner.trainer_class(config, progress=True).train()
     last = result["log"][-1] if result["log"] else {}
     click.echo(f"Trained {config.num_epochs} epochs; last mean reward {last.get('reward_mean', float('nan')):.4f}; "

@@ -43,7 +43,7 @@ class DDPOTrainer(RewardTrainer):
 
         c = self.config
         batches = []
-        for b in range(c.sample_num_batches_per_epoch):
+        for b in self.mine(range(c.sample_num_batches_per_epoch)):
             g = seeded(c.seed, e, b)
             idx = torch.randint(len(self.prompts), (c.sample_batch_size,), generator=g).tolist()
             prompts = [self.prompts[i] for i in idx]
@@ -69,13 +69,19 @@ class DDPOTrainer(RewardTrainer):
 
         c = self.config
         s = self.sample(e)
-        rewards = s["rewards"]
+        # Advantages from every worker's rewards, so that all workers see the same statistics.
+        shared = self.gather((s["prompts"], s["rewards"].tolist()))
+        all_prompts = [p for prompts, _ in shared for p in prompts]
+        all_rewards = np.array([r for _, rewards in shared for r in rewards])
         if c.per_prompt_stat_tracking:
-            adv = self.tracker.update(s["prompts"], rewards)
+            adv_all = self.tracker.update(all_prompts, all_rewards)
         else:
-            adv = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+            adv_all = (all_rewards - all_rewards.mean()) / (all_rewards.std() + 1e-8)
+        start = sum(len(prompts) for prompts, _ in shared[: self.rank])
+        adv = adv_all[start : start + len(s["prompts"])]
+        rewards = all_rewards
         advantages = torch.as_tensor(adv, dtype=torch.float32)
-        n, T = s["log_probs"].shape
+        n, T = s["log_probs"].shape  # this worker's samples
         n_train = max(1, int(T * c.train_timestep_fraction))
         losses, kls, clipfracs = [], [], []
         self.pipe.unet.train()
@@ -109,13 +115,14 @@ class DDPOTrainer(RewardTrainer):
                     clipfracs.append(float(torch.mean((torch.abs(ratio.detach() - 1.0) > c.train_clip_range).float())))
                 accumulated += 1
                 if accumulated % c.train_gradient_accumulation_steps == 0 or lo + c.train_batch_size >= n:
+                    self.sync_gradients()
                     torch.nn.utils.clip_grad_norm_(self.params, c.train_max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)),
-                "clipfrac": float(np.mean(clipfracs)), "images": int(n)}
+                "clipfrac": float(np.mean(clipfracs)), "images": int(len(all_rewards))}
 
 
 class SDDDPO(TrainerFineTuner):

@@ -29,7 +29,8 @@ class SFTTrainer(RewardTrainer):
         c = self.config
         images, prompts, rewards = [], [], []
         self.pipe.unet.eval()
-        for p, prompt in enumerate(self.prompts):
+        for p in self.mine(range(len(self.prompts))):
+            prompt = self.prompts[p]
             for lo in range(0, c.images_per_prompt, c.sample_batch_size):
                 k = min(c.sample_batch_size, c.images_per_prompt - lo)
                 pos, neg = encode_prompts(self.pipe, [prompt] * k)
@@ -77,6 +78,7 @@ class SFTTrainer(RewardTrainer):
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=pos[ids]).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
+            self.sync_gradients()
             torch.nn.utils.clip_grad_norm_(self.params, c.train_max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,17 @@ from harness.types import FineTuner
 log = logging.getLogger("harness.finetune")
 
 
+def _world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:  # pragma: no cover
+        pass
+    return 0, 1
+
+
 def seeded(*parts: int) -> Any:
     """A CPU torch.Generator seeded deterministically from integers."""
     import torch
@@ -92,6 +103,9 @@ class RewardTrainer:
                 config.eval_prompts, config.eval_images_per_prompt, config.eval_seed, rewards,
                 self.out, self.reward_name)
         self.progress = progress
+        self.rank, self.world = _world()
+        #: called with each checkpoint folder after it is written (Ray Train reports it)
+        self.on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None
         if config.resume_from:
             self.resume(config.resume_from)
 
@@ -127,8 +141,34 @@ class RewardTrainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=getattr(torch, self.dtype))
 
+    # -- data parallelism (torch.distributed, e.g. under Ray Train) ---------------------------
+    def mine(self, items: range) -> list[int]:
+        """This worker's share of ``items`` (all of them when not distributed)."""
+        return [i for i in items if i % self.world == self.rank]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every worker's ``obj``, in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sync_gradients(self) -> None:
+        """Average the trainable parameters' gradients over workers (what DDP does)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
     def evaluate(self, epoch: int) -> None:
-        if self.monitor is None:
+        if self.monitor is None or self.rank != 0:
             return
         c = self.config
         self.monitor.evaluate(self.pipe, epoch, num_steps=c.sample_num_steps,
@@ -155,9 +195,13 @@ class RewardTrainer:
                 self.epoch_done = e
                 if c.eval_freq and e % c.eval_freq == 0:
                     self.evaluate(e)
-                if e % c.save_freq == 0 or e == c.num_epochs:
-                    self.save_checkpoint()
-                self.write_log()
+                saved = None
+                if self.rank == 0:
+                    if e % c.save_freq == 0 or e == c.num_epochs:
+                        saved = self.save_checkpoint()
+                    self.write_log()
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(saved, logs)
                 if bar is not None:
                     bar.set_postfix(reward=f"{logs.get('reward_mean', float('nan')):.4f}")
                     bar.update(1)
@@ -165,7 +209,7 @@ class RewardTrainer:
             if bar is not None:
                 bar.close()
         result = {"log": self.history, "checkpoints": [str(p) for p in self.checkpoints()]}
-        if self.monitor is not None:
+        if self.monitor is not None and self.rank == 0:
             epochs = [int(p.name.split("-")[1]) for p in self.checkpoints()]
             result["selected"] = self.monitor.select_checkpoint(epochs)
             write_json(self.out / "selected_checkpoint.json", result["selected"])

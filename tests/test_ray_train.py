@@ -1,0 +1,81 @@
+"""Fine-tuning on Ray Train with two CPU workers: gradient sync, checkpoints, a killed worker."""
+
+import json
+
+import pandas as pd
+import pytest
+from tiny_models import make_tiny_sd
+
+from harness.finetune.config import DDPOConfig, SFTConfig, load_config
+
+ray = pytest.importorskip("ray")
+from harness.finetune.ray_train import train_on_ray  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import brightness_reward
+
+    ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(brightness_reward)
+    yield brightness_reward
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("sd") / "sd")
+
+
+def cfg(cls, sd, out, **kw):
+    base = dict(base_model=str(sd), prompts=["a red car", "a cat"], num_epochs=2, sample_num_steps=3,
+                output_dir=str(out), sample_num_batches_per_epoch=2, sample_batch_size=2,
+                train_batch_size=2, mixed_precision="no")
+    base.update(kw)
+    return load_config(cls, base)
+
+
+def ranks(out):
+    return {r: [json.loads(line) for line in (out / "ranks" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+
+
+def test_ddpo_two_workers_stay_in_sync(cluster, sd, tmp_path):
+    out = tmp_path / "ddpo"
+    result = train_on_ray("ddpo", cfg(DDPOConfig, sd, out), workers=2, reward=cluster.make,
+                          cpus_per_worker=0.5, test_hook=cluster.record_weights)
+    assert [row["epoch"] for row in result["log"]] == [1, 2]
+    assert result["log"][0]["images"] == 4  # both workers' samples enter the statistics
+    by_rank = ranks(out)
+    for a, b in zip(by_rank[0], by_rank[1], strict=True):
+        assert a["epoch"] == b["epoch"] and a["pid"] != b["pid"]
+        assert a["sum"] == pytest.approx(b["sum"], abs=1e-9)  # same adapters after every step
+    assert by_rank[0][0]["sum"] != by_rank[0][1]["sum"]  # and they do change
+    assert (out / "checkpoints" / "epoch-0002" / "pytorch_lora_weights.safetensors").is_file()
+    assert result["checkpoint"] is not None
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(cluster, sd, tmp_path):
+    out = tmp_path / "ddpo-kill"
+    train_on_ray("ddpo", cfg(DDPOConfig, sd, out, num_epochs=3), workers=2,
+                          reward=cluster.make, cpus_per_worker=0.5, max_failures=2,
+                          test_hook=cluster.die_once)
+    assert (out / "killed-once").is_file()
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["epoch"]) == [1, 2, 3]
+    epochs = [row["epoch"] for row in ranks(out)[0]]
+    assert epochs.count(2) == 2 and epochs[-1] == 3  # epoch 2 ran again after the restart
+    assert (out / "checkpoints" / "epoch-0003").is_dir()
+
+
+def test_sft_two_workers(cluster, sd, tmp_path):
+    out = tmp_path / "sft"
+    result = train_on_ray("sft", cfg(SFTConfig, sd, out, images_per_prompt=2, train_steps_per_round=2),
+                          workers=2, reward=cluster.make, cpus_per_worker=0.5,
+                          test_hook=cluster.record_weights)
+    assert [row["epoch"] for row in result["log"]] == [1, 2]
+    by_rank = ranks(out)
+    assert [a["sum"] for a in by_rank[0]] == pytest.approx([b["sum"] for b in by_rank[1]], abs=1e-9)
