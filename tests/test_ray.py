@@ -46,8 +46,8 @@ def local_scores(ckpt, images):
     return score_images(model, images, [PROMPTS] * len(images), batch_size=4).scores
 
 
-def run_ray(model, images, options, **kw):
-    return score_images(model, images, [PROMPTS] * len(images), batch_size=4, executor="ray",
+def run_ray(model, images, options, batch_size=4, **kw):
+    return score_images(model, images, [PROMPTS] * len(images), batch_size=batch_size, executor="ray",
                         ray_options=options, **kw)
 
 
@@ -61,14 +61,15 @@ def test_same_scores_as_local_and_actor_placement(cluster, ckpt, images, local_s
         return real_finish(self)
 
     monkeypatch.setattr(ScorePlan, "finish", finish)
-    run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=1.0))
+    # Small batches, so that both actors of the pool get work.
+    run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=1.0), batch_size=2)
     assert run.computed == 3 * len(images) and not run.failed
     for a, b in zip(run.scores, local_scores, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     # Two actors, one logical GPU each.
     assert len(seen) == 2 and sorted(seen.values()) == ["0", "1"]
     seen.clear()
-    run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=0.5))
+    run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=0.5), batch_size=2)
     assert len(seen) == 2 and all(g in {"0", "1"} for g in seen.values())
     for a, b in zip(run.scores, local_scores, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
