@@ -11,9 +11,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported by the code that builds the frames, not by plugin loading
+    import pandas as pd
 
 
 class RewardModel(ABC):
@@ -133,6 +134,8 @@ class Benchmark(ABC):
 
     def reported(self, subsets: Sequence[str] | None = None) -> pd.DataFrame:
         """Published per-prompt metrics: columns ``subset, method, prompt`` + metric names."""
+        import pandas as pd
+
         return pd.DataFrame()
 
     @abstractmethod

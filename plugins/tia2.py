@@ -16,15 +16,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from harness.data.download import cache_dir, fetch, sha256_file
 from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
-from harness.metrics import METRICS
 from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
 
 log = logging.getLogger("harness.tia2")
@@ -137,6 +136,8 @@ class TIA2(Benchmark):
 
     # -- annotations -----------------------------------------------------------------------
     def load(self, subsets: Sequence[str] | None = None) -> BenchmarkData:
+        import pandas as pd
+
         frames = []
         contrastive: dict[tuple[str, str], list[str]] = {}
         for subset in self.check_subsets(subsets):
@@ -161,6 +162,9 @@ class TIA2(Benchmark):
         )
 
     def _load_labels(self, subset: str) -> pd.DataFrame:
+        import numpy as np
+        import pandas as pd
+
         path, raw = self._read(f"human_annotations/human_labels_{subset}.json")
         if not isinstance(raw, dict) or not raw:
             raise HarnessError(f"malformed annotation file {path}: expected a non-empty object")
@@ -212,6 +216,11 @@ class TIA2(Benchmark):
         :returns: long table with columns ``subset, method, prompt`` + METRICS + ``scale``,
             ``lambda`` (TextNorm's per-prompt hyperparameters; NaN for other methods).
         """
+        import numpy as np
+        import pandas as pd
+
+        from harness.metrics import METRICS
+
         rows = []
         for subset in self.check_subsets(subsets):
             path, raw = self._read(f"alignment_scores/alignment_scores_{subset}.json")
