@@ -101,7 +101,7 @@ class ContrastiveScores:
 
     def standardization(self) -> dict[str, tuple[float, float]]:
         valid = self.image_mask[:, :, None] & self.column_mask[:, None, :]
-        return {m: (float(a[valid].mean()), float(a[valid].std())) for m, a in self.raw.items()}
+        return {m: (float(a[valid].mean()), float(a[valid].std()) or 1.0) for m, a in self.raw.items()}
 
 
 def textnorm_tensor(raw: np.ndarray, column_mask: np.ndarray, scale: float) -> np.ndarray:
@@ -149,6 +149,16 @@ class Calibrated:
             values = sorted({c[k] for c in self.chosen if k in c})
             parts.append(f"{k}={'/'.join(f'{v:g}' for v in values)}")
         return f"{len(self.chosen)}-fold cv: " + ", ".join(parts)
+
+
+def _best(values: np.ndarray) -> int:
+    """Index of the grid point with the best mean over training prompts (``[G, P]``); the
+    first one when the metric is undefined on every training prompt."""
+    with np.errstate(invalid="ignore"):
+        ok = ~np.isnan(values)
+        means = np.where(ok, values, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
+    means[ok.sum(1) == 0] = -np.inf
+    return int(np.argmax(means))
 
 
 def _selection_index(metric: str) -> int:
@@ -242,7 +252,7 @@ def calibrate(
     for f, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(data.prompts)), test)
         # Each model's scale from its own TextNorm on the training prompts only.
-        scale_idx = {m: int(np.nanargmax(np.nanmean(single[m][:, train, sel], axis=1))) for m in models}
+        scale_idx = {m: _best(single[m][:, train, sel]) for m in models}
         entry: dict[str, Any] = {"fold": f, "n_test": int(len(test))}
         if method == "textnorm":
             m = models[0]
@@ -250,7 +260,7 @@ def calibrate(
             entry["scale"] = scales[scale_idx[m]]
         else:
             table = [_metrics(data, combine(scale_idx, lam)) for lam in lam_grid]
-            j = int(np.nanargmax([np.nanmean(t[train, sel]) for t in table]))
+            j = _best(np.stack([t[train, sel] for t in table]))
             values[test] = table[j][test]
             for m in models:
                 entry[f"scale[{m}]"] = scales[scale_idx[m]]

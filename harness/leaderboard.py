@@ -113,6 +113,10 @@ def run_leaderboard(
     missing: list[str] = []
     if models and images is None:
         raise HarnessError("scoring reward models needs the benchmark images: pass --images DIR")
+    if models:
+        from harness.reward_models import check_unique_labels, parse_model_spec
+
+        check_unique_labels([parse_model_spec(m) for m in models])
     if (normalizers or ensembles) and not models:
         raise HarnessError("--normalizer and --ensemble need reward models: pass --model")
     if "ur" in ensembles or "mean" in ensembles:
@@ -371,19 +375,30 @@ def _calibrated_rows(
     jobs += [(name, models) for name in ensembles if (name, models) not in jobs]
     parts, record = [], []
     for subset, frame in merged.groupby("subset", sort=False):
+        # Images that some model could not score are left out of every calibrated row, so that
+        # each model and ensemble sees the same images.
+        own = frame[frame["column"] == 0]
+        per_image = own.groupby(["prompt", "image"])["model"].nunique()
+        complete = per_image[per_image == len(models)].index
+        if len(complete) < len(per_image):
+            record.append({"subset": subset, "method": "(calibration)", "prompts": prompt_sets,
+                           "summary": f"{len(per_image) - len(complete)} images not scored by every "
+                                      "model were left out of the calibrated rows",
+                           "selection": None, "chosen": []})
+        keep = frame.set_index(["prompt", "image"]).index.isin(complete)
+        frame = frame[keep]
         tensor = ContrastiveScores.from_long(frame, subset)
         if standardize:
             tensor = tensor.standardized()
+        counts = pd.DataFrame({"prompt": tensor.prompts, "n_images": tensor.image_mask.sum(1),
+                               "n_positive": (tensor.binary * tensor.image_mask).sum(1).astype(int)})
         for name, group in jobs:
             result = calibrate(tensor, name, group, selection=selection, k=folds, seed=seed,
                                metric=metric)
             label = f"{name}({'+'.join(group)})"
             pp = result.per_prompt.assign(subset=subset, method=label,
                                           source="oracle" if result.selection == "oracle" else "scored")
-            counts = frame[frame["column"] == 0].groupby("prompt")["binary"].agg(
-                n_images="size", n_positive="sum")
-            pp = pp.merge(counts, left_on="prompt", right_index=True, how="left")
-            parts.append(pp)
+            parts.append(pp.merge(counts, on="prompt", how="left"))
             record.append({"subset": subset, "method": label, "prompts": prompt_sets,
                            "selection": result.selection, "standardize": standardize,
                            "summary": result.summary(), "chosen": result.chosen})

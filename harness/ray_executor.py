@@ -131,8 +131,10 @@ class _ModelActor:
         if good:
             pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][k]) for k in good]))
             prompts = [json.loads(batch["prompts"][k]) for k in good]
-            features = self.model.embed_images(pixels)
-            for k, values in zip(good, self.model.score(features, prompts), strict=True):
+            from harness.scoring import _run_with_backoff
+
+            # Out-of-memory on the actor's GPU halves the batch, as in the local executor.
+            for k, values in zip(good, _run_with_backoff(self.model, pixels, prompts), strict=True):
                 if hasattr(values, "detach"):
                     values = values.detach().float().cpu().numpy()
                 scores[k] = json.dumps(np.asarray(values, dtype=np.float64).tolist())
@@ -147,10 +149,13 @@ def default_factory(model: Any) -> Callable[[], Any]:
 
     spec = getattr(model, "harness_spec", None)
     if spec is None:
-        checkpoint = getattr(model, "checkpoint", None)
-        from harness.reward_models import ModelSpec
-
-        spec = ModelSpec(model.id, {"checkpoint": checkpoint} if checkpoint else {})
+        # Rebuilding from the id alone could drop settings (mode, text length, processor) and
+        # cache another model's scores under this model's key.
+        raise HarnessError(
+            f"reward model '{getattr(model, 'id', type(model).__name__)}' was not built by "
+            "load_reward_model, so Ray actors cannot rebuild it: load it with "
+            "harness.reward_models.load_reward_model or pass RayOptions(factory=...)"
+        )
     dtype = getattr(model, "harness_dtype", None) or getattr(model, "dtype", None)
     return partial(_load_in_actor, spec, dtype if isinstance(dtype, str) else None)
 

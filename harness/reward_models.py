@@ -1,8 +1,8 @@
 """Building reward models from user-facing specs.
 
 A spec is ``NAME`` or ``NAME:key=value,key=value`` (e.g. ``blip2:mode=itc`` or
-``clip:checkpoint=/models/clip-l``). Keys are the model class's constructor arguments; unknown
-keys are rejected with the list of accepted ones. ``device`` and ``dtype`` given separately apply
+``clip:checkpoint=/models/clip-l``). Keys are the model class's constructor arguments (unknown
+keys are rejected with the list of accepted ones), plus ``label=`` to name the leaderboard row. ``device`` and ``dtype`` given separately apply
 to every model that does not set its own.
 """
 
@@ -24,7 +24,10 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        """The leaderboard's method name: the id, plus any option other than where it runs."""
+        """The leaderboard's method name: ``label=`` if given, else the id plus any option other
+        than where it runs and which weights it loads."""
+        if "label" in self.options:
+            return str(self.options["label"])
         shown = {k: v for k, v in self.options.items()
                  if k not in {"checkpoint", "device", "dtype", "batch_size", "revision"}}
         if not shown:
@@ -42,6 +45,18 @@ def _coerce(value: str) -> Any:
         except ValueError:
             pass
     return value
+
+
+def check_unique_labels(specs: list[ModelSpec]) -> None:
+    """Two models under one name would be mixed together in tables and ensembles."""
+    seen: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.label in seen:
+            raise HarnessError(
+                f"two --model specs are both named '{spec.label}'; add label=NAME to one of them "
+                f"(e.g. {spec.name}:...,label={spec.name}-2)"
+            )
+        seen[spec.label] = spec
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -74,7 +89,7 @@ def load_reward_model(
     """Instantiate a registered reward model from a spec (loads its checkpoint)."""
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     cls = get_plugins().reward_models.get(spec.name)
-    options = {**overrides, **spec.options}
+    options = {k: v for k, v in {**overrides, **spec.options}.items() if k != "label"}
     device = options.pop("device", None) or device or default_device()
     dtype = options.pop("dtype", None) or dtype or "auto"
     if dtype == "auto":
@@ -95,6 +110,7 @@ def load_reward_model(
         kwargs["dtype"] = dtype
     model = cls(**kwargs)
     # How to build this model again elsewhere (a Ray actor): the spec, less where it runs.
-    model.harness_spec = ModelSpec(spec.name, dict(options))
+    model.harness_spec = ModelSpec(spec.name, {k: v for k, v in spec.options.items()
+                                               if k not in {"device", "dtype"}})
     model.harness_dtype = dtype
     return model

@@ -45,11 +45,13 @@ class ScoreRun:
 
 
 def model_cache_key(model: RewardModel) -> str:
-    """What identifies a model's numbers: id, checkpoint, revision, preprocessing, dtype, variant."""
+    """What identifies a model's numbers: everything ``describe()`` reports (id, checkpoint,
+    revision or weight hash, preprocessing version, dtype, variant, text length, processor...)."""
     info = model.describe()
-    keep = ("id", "checkpoint", "revision", "checkpoint_sha256", "preprocessing_version", "dtype",
-            "variant")
-    return json.dumps({k: info[k] for k in keep if info.get(k) is not None}, sort_keys=True)
+    # Every setting the model reports identifies its numbers, except counters of the run.
+    counters = {"truncated_prompts"}
+    return json.dumps({k: info[k] for k in sorted(info) if k not in counters and info[k] is not None},
+                      sort_keys=True, default=str)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -122,24 +124,30 @@ def _to_numpy(x: Any) -> Any:
 
 
 def _run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]) -> list[np.ndarray]:
-    """Score a batch; on out-of-memory, split it in halves and retry (down to one image)."""
+    """Score a batch; on out-of-memory, split it in halves and retry (down to one image).
+
+    The retry happens after the ``except`` block: inside it, the traceback would keep the failed
+    forward pass's tensors alive and the smaller batches would run out of memory too.
+    """
     try:
         return _embed_and_score(model, batch, prompts)
     except Exception as exc:
-        n = len(prompts)
-        if not _is_oom(exc) or n == 1:
+        if not _is_oom(exc) or len(prompts) == 1:
             raise
-        try:
-            import torch
+        del exc
+    try:
+        import torch
 
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001
-            pass
-        half = n // 2
-        log.warning("out of memory at batch size %d; retrying with %d", n, half)
-        return _run_with_backoff(model, _slice(batch, 0, half), prompts[:half]) + _run_with_backoff(
-            model, _slice(batch, half, n), prompts[half:]
-        )
+    except ImportError:  # pragma: no cover
+        pass
+    n = len(prompts)
+    half = n // 2
+    log.warning("out of memory at batch size %d; retrying with %d", n, half)
+    return _run_with_backoff(model, _slice(batch, 0, half), prompts[:half]) + _run_with_backoff(
+        model, _slice(batch, half, n), prompts[half:]
+    )
 
 
 def score_images(
@@ -237,7 +245,8 @@ class ScorePlan:
                bad: Sequence[tuple[int, str]] = ()) -> None:
         """Record scores of images ``ids`` (indices into the run) and failures ``(index, why)``."""
         for i, err in bad:
-            self.run.failed[self.paths[i]] = err
+            if i not in self._accepted:  # a retried task may deliver an image twice
+                self.run.failed[self.paths[i]] = err
         rows = []
         for i, values in zip(ids, results, strict=True):
             if i in self._accepted:
@@ -257,6 +266,7 @@ class ScorePlan:
                 )
             self.run.scores[i] = values
             self._accepted.add(i)
+            self.run.failed.pop(self.paths[i], None)
             rows.extend(zip([self.hashes[i]] * len(values), self.prompts[i], values.tolist(), strict=True))
             self.run.encoded_images += 1
         if self.cache is not None and rows:

@@ -83,7 +83,7 @@ class TextNorm(Normalizer):
         for model, raw in _check(scores, need_contrastive=True).items():
             if model in self.standardize:
                 mean, std = self.standardize[model]
-                raw = (raw - mean) / std
+                raw = (raw - mean) / (std if std > 0 else 1.0)
             out[model] = textnorm_confidence(raw, _per_model(self.scale, model, "scale"))
         return out
 

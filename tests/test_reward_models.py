@@ -147,3 +147,22 @@ def test_model_specs():
         load_reward_model("blip2:mode=xyz,checkpoint=/nonexistent")
     with pytest.raises(HarnessError, match="expected key=value"):
         parse_model_spec("clip:checkpoint")
+    # Two models under one name would be mixed in tables and ensembles.
+    from harness.reward_models import check_unique_labels
+
+    with pytest.raises(HarnessError, match="both named 'clip'; add label=NAME"):
+        check_unique_labels([parse_model_spec("clip"), parse_model_spec("clip:checkpoint=/b32")])
+    named = parse_model_spec("clip:checkpoint=/b32,label=clip-b32")
+    check_unique_labels([parse_model_spec("clip"), named])
+    assert named.label == "clip-b32"
+
+
+def test_cache_key_covers_every_setting(ckpts):
+    from harness.scoring import model_cache_key
+
+    base = load_reward_model(f"blip2:checkpoint={ckpts['blip2']}", device="cpu")
+    longer = load_reward_model(f"blip2:checkpoint={ckpts['blip2']},max_text_tokens=64,label=b", device="cpu")
+    itc = load_reward_model(f"blip2:checkpoint={ckpts['blip2']},mode=itc", device="cpu")
+    keys = {model_cache_key(m) for m in (base, longer, itc)}
+    assert len(keys) == 3
+    assert longer.harness_spec.options == {"checkpoint": str(ckpts["blip2"]), "max_text_tokens": 64, "label": "b"}

@@ -157,3 +157,27 @@ def test_calibration_errors():
                                 data.column_mask[:, :1], data.binary, data.graded, data.images)
     with pytest.raises(HarnessError, match="needs contrastive prompts"):
         calibrate(no_sets, "textnorm", ["a"])
+
+
+def test_leaderboard_calibration_drops_images_a_model_could_not_score():
+    from harness.leaderboard import _calibrated_rows
+
+    data, frame = synthetic(P=6, N=8, C=3)
+    frame = frame.assign(subset="s")
+    labels = frame[(frame.column == 0) & (frame.model == "a")][["subset", "prompt", "image", "binary", "graded"]]
+    scores = frame.rename(columns={"model": "method"}).drop(columns=["binary", "graded"])
+    scores["text"] = ""
+    gone = (scores.method == "b") & (scores.prompt == "p0") & (scores.image == "i3")
+    parts, record = _calibrated_rows(scores[~gone], labels, ["a", "b"], ["textnorm"], ["ur"],
+                                     prompt_sets="x", selection="cv", folds=3, seed=0, metric="auroc",
+                                     standardize=False)
+    rows = pd.concat(parts)
+    p0 = rows[(rows.prompt == "p0")]
+    assert set(p0["n_images"]) == {7}  # i3 left out for every model, once per image
+    assert set(rows[rows.prompt == "p1"]["n_images"]) == {8}
+    assert "1 images not scored by every model" in record[0]["summary"]
+    # The same numbers as calibrating without that image from the start.
+    ref = calibrate(ContrastiveScores.from_long(frame[~((frame.prompt == "p0") & (frame.image == "i3"))], "s"),
+                    "textnorm", ["a"], k=3, seed=0)
+    got = rows[rows.method == "textnorm(a)"].set_index("prompt")["auroc"]
+    np.testing.assert_allclose(got.loc[ref.per_prompt["prompt"]].to_numpy(), ref.per_prompt["auroc"], atol=1e-12)
