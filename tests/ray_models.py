@@ -27,3 +27,16 @@ class OffsetColor(RewardModel):
 class BrokenEnv(OffsetColor):
     id = "broken-env"
     ray_runtime_env = {"pip": ["t2i-harness-no-such-package-anywhere==0.0.1"]}
+
+
+class SlowColor(OffsetColor):
+    """A light model that takes its time per batch, so every actor of a pool gets work."""
+
+    id = "slow-color"
+    ray_runtime_env = None
+
+    def embed_images(self, batch):
+        import time
+
+        time.sleep(0.3)
+        return super().embed_images(batch)

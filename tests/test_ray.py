@@ -51,8 +51,20 @@ def run_ray(model, images, options, batch_size=4, **kw):
                         ray_options=options, **kw)
 
 
-def test_same_scores_as_local_and_actor_placement(cluster, ckpt, images, local_scores, monkeypatch):
+def test_same_scores_as_local(cluster, ckpt, images, local_scores):
     model = load_reward_model(f"clip:checkpoint={ckpt}", device="cpu")
+    for gpus in (1.0, 0.5):
+        run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=gpus))
+        assert run.computed == 3 * len(images) and not run.failed
+        for a, b in zip(run.scores, local_scores, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("gpus,expected", [(1.0, ["0", "1"]), (0.5, None)])
+def test_actor_placement_on_logical_gpus(cluster, images, monkeypatch, gpus, expected):
+    import ray_models
+
+    ray.cloudpickle.register_pickle_by_value(ray_models)
     seen = {}
     real_finish = ScorePlan.finish
 
@@ -61,18 +73,15 @@ def test_same_scores_as_local_and_actor_placement(cluster, ckpt, images, local_s
         return real_finish(self)
 
     monkeypatch.setattr(ScorePlan, "finish", finish)
-    # Small batches, so that both actors of the pool get work.
-    run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=1.0), batch_size=2)
-    assert run.computed == 3 * len(images) and not run.failed
-    for a, b in zip(run.scores, local_scores, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    # Two actors, one logical GPU each.
-    assert len(seen) == 2 and sorted(seen.values()) == ["0", "1"]
-    seen.clear()
-    run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=0.5), batch_size=2)
-    assert len(seen) == 2 and all(g in {"0", "1"} for g in seen.values())
-    for a, b in zip(run.scores, local_scores, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    model = ray_models.SlowColor()
+    run = score_images(model, images, [["x"]] * len(images), batch_size=2, executor="ray",
+                       ray_options=RayOptions(actors=2, gpus_per_actor=gpus, factory=ray_models.SlowColor))
+    assert run.computed == len(images)
+    assert len(seen) == 2  # both actors of the pool did work
+    if expected:  # one whole logical GPU each: GPUs 0 and 1
+        assert sorted(seen.values()) == expected
+    else:  # half a GPU each: both fit, each on a GPU of the two
+        assert all(g in {"0", "1"} for g in seen.values())
 
 
 def test_shared_cache_and_driver_resume(cluster, ckpt, images, local_scores, tmp_path, monkeypatch):
