@@ -53,6 +53,7 @@ class ChatServer:
         self.delay = 0.0
         self.override: str | None = None
         self.requests: list[dict] = []
+        self.replies: list[str] = []  #: what the server answered, in order
         self.lock = threading.Lock()
         server = self
 
@@ -71,6 +72,7 @@ class ChatServer:
                 if server.delay:
                     time.sleep(server.delay)
                 content = server.override if server.override is not None else server.complete(body)
+                server.replies.append(content)
                 self._send(200, {
                     "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion",
                     "created": int(time.time()), "model": body.get("model", "smollm2"),
