@@ -189,14 +189,14 @@ def score_command(
     import pandas as pd
 
     from harness.atomic import write_text
-    from harness.leaderboard import _open_cache
     from harness.reward_models import load_reward_model, parse_model_spec
+    from harness.score_cache import open_score_cache
     from harness.scoring import score_images
 
     if not models:
         raise HarnessError("give at least one --model (see `harness models`)")
     paths, per_image = _score_inputs(images, prompts, pairs)
-    store = _open_cache(False if no_cache else (cache or True))
+    store = open_score_cache(False if no_cache else (cache or True))
     records, failed = [], {}
     try:
         for text in models:
@@ -305,7 +305,9 @@ def prompts_generate(generator: str, input_path: Path, out: Path, **settings: An
     given = {k: v for k, v in settings.items() if v is not None}
     unused = [k for k in given if k not in params]
     if unused:
-        raise HarnessError(f"generator '{generator}' has no setting {', '.join('--' + u.replace('_', '-') for u in unused)}")
+        flags = {"data_dir": "--data"}
+        names = ", ".join(flags.get(u, "--" + u.replace("_", "-")) for u in unused)
+        raise HarnessError(f"generator '{generator}' takes no {names}")
     sets = cls(**given).generate(prompts)
     empty = [p for p, v in sets.items() if not v]
     if empty:

@@ -257,16 +257,6 @@ def run_leaderboard(
     return result
 
 
-def _open_cache(cache: str | Path | None | bool):
-    from harness.data.download import cache_dir
-    from harness.score_cache import ScoreCache
-
-    if cache is False or cache is None:
-        return None
-    path = cache_dir() / "scores.sqlite" if cache is True else Path(cache)
-    return ScoreCache(path)
-
-
 def _score_models(
     labels: pd.DataFrame, models: Sequence[str], *, device: str | None, dtype: str | None,
     batch_size: int, num_workers: int, cache: str | Path | None | bool, progress: bool,
@@ -279,9 +269,10 @@ def _score_models(
         that could not be read, and each model's description for the manifest.
     """
     from harness.reward_models import load_reward_model, parse_model_spec
+    from harness.score_cache import open_score_cache
     from harness.scoring import score_images
 
-    store = _open_cache(cache)
+    store = open_score_cache(cache)
     frames, failed, info = [], {}, []
     try:
         for text in models:

@@ -22,7 +22,7 @@ import importlib
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -355,5 +355,3 @@ def lookup(kind: str, name: str) -> type:
     """``lookup("benchmarks", "tia2")`` -> the registered class, or a "did you mean" error."""
     return get_plugins().catalogs[kind].get(name)
 
-
-Registrar = Callable[..., None]

@@ -74,3 +74,14 @@ class ScoreCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_score_cache(cache: str | Path | None | bool) -> ScoreCache | None:
+    """``True``: the default cache (``<user cache>/scores.sqlite``); a path; ``False``/``None``: none."""
+    if cache is False or cache is None:
+        return None
+    if cache is True:
+        from harness.data.download import cache_dir
+
+        return ScoreCache(cache_dir() / "scores.sqlite")
+    return ScoreCache(cache)

@@ -115,11 +115,7 @@ class DDPOTrainer(RewardTrainer):
                     clipfracs.append(float(torch.mean((torch.abs(ratio.detach() - 1.0) > c.train_clip_range).float())))
                 accumulated += 1
                 if accumulated % c.train_gradient_accumulation_steps == 0 or lo + c.train_batch_size >= n:
-                    self.sync_gradients()
-                    torch.nn.utils.clip_grad_norm_(self.params, c.train_max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.global_step += 1
+                    self.optimizer_step()
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "loss": float(np.mean(losses)), "approx_kl": float(np.mean(kls)),
                 "clipfrac": float(np.mean(clipfracs)), "images": int(len(all_rewards))}

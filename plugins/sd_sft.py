@@ -78,11 +78,7 @@ class SFTTrainer(RewardTrainer):
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=pos[ids]).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
-            self.sync_gradients()
-            torch.nn.utils.clip_grad_norm_(self.params, c.train_max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_step += 1
+            self.optimizer_step()
             losses.append(float(loss.detach()))
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "kept_reward_mean": float(rewards[top].mean()), "kept": int(keep),

@@ -167,6 +167,16 @@ class RewardTrainer:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
 
+    def optimizer_step(self) -> None:
+        """Average gradients over workers, clip them, step, and count the step."""
+        import torch
+
+        self.sync_gradients()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.train_max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
     def evaluate(self, epoch: int) -> None:
         if self.monitor is None or self.rank != 0:
             return
