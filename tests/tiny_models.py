@@ -166,9 +166,82 @@ def make_tiny_blip2(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     return path
 
 
-def make_tiny_sd(path: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=16,
+    )
+
+
+def _smooth_images(n: int, generator):
+    """16x16 images in [-1, 1]: a random overall level plus a smooth random colour field."""
+    import torch
+    import torch.nn.functional as F
+
+    level = torch.rand(n, 1, 1, 1, generator=generator)
+    field = torch.rand(n, 3, 4, 4, generator=generator)
+    low = (0.8 * level + 0.5 * field).clamp(0, 1)
+    return F.interpolate(low, size=16, mode="bilinear", align_corners=False) * 2 - 1
+
+
+TRAINED_VAE_VERSION = 1
+
+
+def trained_tiny_vae(steps: int = 300) -> Path:
+    """A tiny AutoencoderKL trained as an autoencoder on smooth colour images (cached on disk).
+
+    A randomly initialised decoder normalises its activations (GroupNorm) so thoroughly that an
+    image's mean brightness barely depends on the latents (std 0.006 over N(0, 1) latents), so a
+    reward on brightness gives fine-tuning almost nothing to learn. After ~15 s of training the
+    decoder carries brightness the way a real VAE does (std 0.043; the brightness of
+    reconstructions follows the input's with r = 0.999). ``scaling_factor`` is 1 / std of the
+    latents, the way Stable Diffusion's 0.18215 was chosen.
+    """
+    import torch
+
+    target = TEST_CACHE / f"tiny-vae-trained-v{TRAINED_VAE_VERSION}-{steps}"
+    if (target / "config.json").is_file():
+        return target
+    with torch.random.fork_rng():  # leave the caller's random state as it was
+        torch.manual_seed(0)
+        vae = _train_vae(steps)
+    with torch.no_grad():
+        latents = vae.encode(_smooth_images(256, torch.Generator().manual_seed(1))).latent_dist.sample(
+            generator=torch.Generator().manual_seed(2))
+    vae.register_to_config(scaling_factor=round(1 / float(latents.std()), 5))
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    vae.save_pretrained(tmp)
+    tmp.replace(target)
+    return target
+
+
+def _train_vae(steps: int):
+    import torch
+    import torch.nn.functional as F
+
+    vae = _tiny_vae()
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = _smooth_images(32, g)
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-3 * posterior.kl().mean() / x[0].numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return vae
+
+
+def make_tiny_sd(path: Path, seed: int = 0, prediction_type: str = "epsilon",
+                 trained_vae: bool = False) -> Path:
     """A tiny Stable-Diffusion-shaped pipeline (UNet2DConditionModel, AutoencoderKL,
-    CLIPTextModel, the real CLIP tokenizer, DDIMScheduler), saved with save_pretrained."""
+    CLIPTextModel, the real CLIP tokenizer, DDIMScheduler), saved with save_pretrained.
+
+    ``trained_vae=True`` swaps in :func:`trained_tiny_vae`, for tests whose reward must depend
+    on the latents the UNet produces."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -185,11 +258,9 @@ def make_tiny_sd(path: Path, seed: int = 0, prediction_type: str = "epsilon") ->
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=4, norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=16,
-    )
+    vae = _tiny_vae()  # drawn either way, so the text encoder's weights do not depend on the VAE
+    if trained_vae:
+        vae = AutoencoderKL.from_pretrained(trained_tiny_vae())
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
