@@ -38,7 +38,12 @@ sys.path.insert(0, str(REPO / "tests"))
 def build_sd21(path: Path) -> Path:
     """Stable Diffusion 2.1 (768-v) shapes with random weights, saved in fp16 with save_pretrained."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from tiny_models import clip_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
 
