@@ -153,16 +153,20 @@ def test_ddpo_raises_the_planted_reward_on_fresh_samples(sd_vae, tmp_path):
     """With image brightness as the reward, DDPO makes the model's images brighter over a few
     iterations; with its negation, darker. Judged by the overoptimization monitor on 16 fixed
     evaluation seeds that training never draws: the base model (epoch 0) against the last epoch,
-    image by image. Policy-gradient noise is large on a random UNet, hence 64 samples per step at
-    8 px: over training seeds 0-6, all 14 runs moved the rewarded way (paired t 1.7 to 17.3)."""
+    image by image. 8 denoising steps, not 4: the last two DDIM steps have a noise std 20-40x
+    smaller than the first ones, so their score terms (noise / std) dominate the policy gradient
+    while barely moving the image; with 4 steps that is half the chain and some seeds learn the
+    wrong way. With 8 steps, 30 of 30 runs (4 tiny pipelines x training seeds 0-3) moved the
+    rewarded way, paired t >= 6.7."""
     epochs = 16
     shift = {}
     for name, reward, other in (("bright", brightness, darkness), ("dark", darkness, brightness)):
         out = tmp_path / name
-        # 64 samples and one optimizer step per epoch (8 batches of 8, accumulated)
+        # 32 samples and one optimizer step per epoch (4 batches of 8, accumulated)
         cfg = config(DDPOConfig, sd_vae, out, prompts=["a red car"], num_epochs=epochs, resolution=8,
-                     sample_num_batches_per_epoch=8, sample_batch_size=8, train_batch_size=8,
-                     train_gradient_accumulation_steps=8, train_learning_rate=1e-2, train_clip_range=0.2,
+                     sample_num_steps=8, sample_num_batches_per_epoch=4, sample_batch_size=8,
+                     train_batch_size=8, train_gradient_accumulation_steps=4, train_learning_rate=1e-2,
+                     train_clip_range=0.2,
                      per_prompt_stat_tracking=False, save_freq=epochs, eval_freq=epochs,
                      eval_prompts=["a red car"], eval_images_per_prompt=16)
         log = DDPOTrainer(cfg, reward=reward, heldout={other.__name__: other}).train()["log"]
