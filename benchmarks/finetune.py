@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -73,10 +71,6 @@ def build_sd21(path: Path) -> Path:
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(path)
     return path
-
-
-def brightness(images, prompts):
-    return np.array([np.asarray(im, dtype=np.float64).mean() / 255 for im in images])
 
 
 class Peak:
@@ -124,8 +118,7 @@ def bare_unet_loop(pipe, batch: int, steps: int, size: int, device: str, reps: i
             sync(device)
             start = time.perf_counter()
             for t in torch.linspace(999, 1, steps).long():
-                out = unet(torch.cat([lat, lat]), t.to(device), encoder_hidden_states=ctx).sample
-                lat = lat + 0.0 * out[:batch]
+                unet(torch.cat([lat, lat]), t.to(device), encoder_hidden_states=ctx)
             sync(device)
             best = min(best, time.perf_counter() - start)
     return best
@@ -144,6 +137,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from brightness_reward import brightness  # the tests' planted reward (tests/ is on sys.path)
 
     from harness.finetune.config import DDPOConfig, SFTConfig, load_config
     from harness.finetune.diffusion import load_pipeline
