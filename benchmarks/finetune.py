@@ -139,10 +139,10 @@ def main() -> None:
     import torch
     from brightness_reward import brightness  # the tests' planted reward (tests/ is on sys.path)
 
-    from harness.finetune.config import DDPOConfig, SFTConfig, load_config
-    from harness.finetune.diffusion import load_pipeline
-    from harness_plugins.sd_ddpo import DDPOTrainer
-    from harness_plugins.sd_sft import SFTTrainer
+    from harness_plugins.sd.config import DDPOConfig, SFTConfig, load_config
+    from harness_plugins.sd.diffusion import load_pipeline
+    from harness_plugins.sd.ddpo import DDPOTrainer
+    from harness_plugins.sd.sft import SFTTrainer
 
     steps = args.steps or (50 if args.arch == "sd21" else 8)
     batch = args.batch or (2 if args.arch == "sd21" else 8)

@@ -1,6 +1,6 @@
 """Time the metrics over all of TIA2 (27,500 images) with 1,000 bootstrap resamples.
 
-Prints the vectorised path (harness.metrics) and, side by side in the same run, a loop over
+Prints the vectorised path (harness.evaluation.metrics) and, side by side in the same run, a loop over
 prompts calling sklearn/scipy per prompt, and their ratio. Usage:
 
     python benchmarks/metrics_speed.py [--data ../shared/tia2] [--bootstrap 1000] [--repeat 3]
@@ -18,7 +18,7 @@ import pandas as pd
 
 
 def vectorised(images: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    from harness.metrics import aggregate, per_prompt_metrics
+    from harness.evaluation.metrics import aggregate, per_prompt_metrics
 
     per_prompt = per_prompt_metrics(images, score="score")
     rows = [

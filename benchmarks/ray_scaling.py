@@ -35,9 +35,9 @@ def main() -> None:
     from scoring import build_checkpoint, workload
     from tiny_models import make_tiny_clip
 
-    from harness.ray_executor import RayOptions
-    from harness.reward_models import load_reward_model
-    from harness.scoring import score_images
+    from harness.scoring.ray import RayOptions
+    from harness.scoring.specs import load_reward_model
+    from harness.scoring.runner import score_images
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

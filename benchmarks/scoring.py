@@ -135,8 +135,8 @@ def main() -> None:
 
     import torch
 
-    from harness.reward_models import load_reward_model
-    from harness.scoring import score_images
+    from harness.scoring.specs import load_reward_model
+    from harness.scoring.runner import score_images
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:

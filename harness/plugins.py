@@ -47,8 +47,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "harness_plugins.textnorm",
     "harness_plugins.rules",
     "harness_plugins.llm",
-    "harness_plugins.sd_sft",
-    "harness_plugins.sd_ddpo",
+    "harness_plugins.sd",
 )
 
 

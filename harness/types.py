@@ -1,51 +1,97 @@
 """The contracts every plugin implements, as abstract base classes.
 
-Shapes use ``B`` for images in a batch, ``P`` for prompts per image and ``D`` for feature
+The core calls only what is declared here. Shapes use ``B`` for images in a batch, ``P`` for
+prompts, ``N`` for images of one prompt, ``C`` for contrastive prompts and ``D`` for feature
 dimensions. Scores are ``float32`` unless a docstring says otherwise. Nothing here imports torch:
 reward models may return ``torch.Tensor`` or ``numpy.ndarray`` of the documented shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-if TYPE_CHECKING:  # pandas is imported by the code that builds the frames, not by plugin loading
+from harness.errors import HarnessError, did_you_mean
+
+if TYPE_CHECKING:  # pandas and numpy are imported by the code that builds arrays and frames
+    import numpy as np
     import pandas as pd
 
 
+# -- reward models ------------------------------------------------------------------------------
+def to_rgb(image: Any) -> Any:
+    """A PIL image in any mode -> RGB, the way transformers' image processors convert it.
+
+    Transparent images (RGBA, LA, palette with transparency) are composited onto white, so an
+    RGBA file scores as it looks, not as its hidden colour channels; other modes go through
+    ``Image.convert("RGB")``.
+    """
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class RewardModel(ABC):
-    """Scores image-prompt pairs.
+    """Scores image-prompt pairs. Higher means better aligned.
 
-    Construction loads a real checkpoint: ``Model(checkpoint=hub_id_or_path, device=..., dtype=...)``.
-    Scoring is split in two so that an image scored against its prompt and 32 contrastive prompts
-    costs one image encode:
+    Construction loads a real checkpoint. Every reward model accepts at least
+    ``Model(checkpoint=None, device="cpu", dtype="float32")`` (``checkpoint=None``: the class's
+    :attr:`default_checkpoint`); more keyword options become ``NAME:key=value`` spec options.
+    The base constructor stores the three; a subclass that needs none of its own may omit
+    ``__init__``.
 
-    1. :meth:`preprocess` turns one ``PIL.Image`` into a model input; it runs in data-loader
-       workers, so it must be picklable and must not touch the GPU.
+    Scoring is split in three so that an image scored against its prompt and 32 contrastive
+    prompts costs one image encode:
+
+    1. :meth:`preprocess` turns one image *as opened* (a ``PIL.Image`` in its own mode: RGB, L,
+       P, RGBA, CMYK, I;16, ...) into a model input, converting the mode the way the model's
+       original implementation does (:func:`to_rgb` is what transformers processors do). It runs
+       in data-loader workers, so it must be picklable and must not touch the GPU.
     2. :meth:`embed_images` encodes a collated batch once: ``B`` inputs -> features (any
        structure whose first dimension is ``B``).
-    3. :meth:`score` scores cached features against prompts: ``features`` for ``B`` images and
-       ``prompts`` a list of ``B`` lists of strings -> a list of ``B`` float arrays, the ``i``-th of
-       length ``len(prompts[i])``. Higher means better aligned.
+    3. :meth:`score` scores features against prompts: ``B`` features and ``B`` prompt lists ->
+       ``B`` float arrays, the ``i``-th of length ``len(prompts[i])``.
+
+    Models that score an (image, prompt) pair in one forward pass can subclass
+    :class:`PairRewardModel` and implement one method instead.
+
+    The score cache key is the core's (see :mod:`harness.scoring.plan`): the spec's resolved
+    options (less :attr:`runtime_options`), the plugin's distribution and version, the source of
+    the modules defining the class, the content hash of every file in :meth:`files`, and
+    :attr:`preprocessing_version`.
     """
 
     id: ClassVar[str]
     #: Bump when :meth:`preprocess` changes numerically: it keys the score cache.
     preprocessing_version: ClassVar[str] = "1"
     default_checkpoint: ClassVar[str | None] = None
+    #: Constructor options that do not change the numbers (where it runs, how it batches): left
+    #: out of the cache key.
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})
     #: A Ray runtime_env for this model's actors (pip requirements, env vars), so models with
     #: conflicting dependencies can run side by side on one cluster. None: the driver's env.
     ray_runtime_env: ClassVar[dict[str, Any] | None] = None
 
+    def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32"):
+        self.checkpoint = checkpoint or self.default_checkpoint
+        self.device = device
+        self.dtype = dtype
+
     @abstractmethod
     def preprocess(self, image: Any) -> Any:
-        """One ``PIL.Image.Image`` (RGB) -> one model input (e.g. float32 ``[3, H, W]``)."""
+        """One ``PIL.Image.Image`` as opened (any mode) -> one model input (e.g. float32 ``[3, H, W]``)."""
 
-    def preprocessor(self) -> Any:
+    def preprocessor(self) -> Callable[[Any], Any]:
         """A picklable callable doing :meth:`preprocess` without the model's weights.
 
         Sent to data-loading processes (Ray's CPU stage); override when ``self.preprocess`` would
@@ -61,27 +107,175 @@ class RewardModel(ABC):
     def score(self, features: Any, prompts: Sequence[Sequence[str]]) -> list[Any]:
         """Features of ``B`` images and ``B`` prompt lists -> ``B`` float arrays of scores."""
 
+    def files(self) -> list[Path]:
+        """Every local file the model loaded (weights, configs, tokenizer, processor).
+
+        Their content hashes key the score cache, so editing a checkpoint's files in place never
+        returns old scores. Default: every file under :attr:`checkpoint` when it is a local
+        folder (or the file itself), else nothing.
+        """
+        if not self.checkpoint:
+            return []
+        path = Path(str(self.checkpoint)).expanduser()
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return []
+
     def describe(self) -> dict[str, Any]:
-        """What the run manifest records: checkpoint, revision or file hash, truncation length."""
-        return {"id": self.id, "preprocessing_version": self.preprocessing_version}
+        """What the run manifest records (checkpoint, revision, truncation counts, ...)."""
+        return {"id": self.id, "checkpoint": self.checkpoint,
+                "preprocessing_version": self.preprocessing_version, "dtype": self.dtype}
+
+
+class PairRewardModel(RewardModel):
+    """A reward model that scores flat (image, prompt) pairs: implement :meth:`score_pairs`.
+
+    :meth:`embed_images` keeps the preprocessed batch as the features; :meth:`score` repeats each
+    image once per prompt and calls :meth:`score_pairs` in chunks of :attr:`pair_batch_size`.
+    Use it for cross-encoders (an ITM head, a VQA model) whose image and text meet in one pass.
+    """
+
+    pair_batch_size: ClassVar[int] = 64
+
+    def embed_images(self, batch: Any) -> Any:
+        return batch
+
+    @abstractmethod
+    def score_pairs(self, images: Any, prompts: Sequence[str]) -> Any:
+        """``n`` preprocessed images (collated like a batch) and ``n`` prompts -> ``[n]`` scores."""
+
+    def score(self, features: Any, prompts: Sequence[Sequence[str]]) -> list[Any]:
+        import numpy as np
+
+        owner = [i for i, ps in enumerate(prompts) for _ in ps]
+        flat = [p for ps in prompts for p in ps]
+        out = np.empty(len(flat), dtype=np.float32)
+        for lo in range(0, len(flat), self.pair_batch_size):
+            hi = min(lo + self.pair_batch_size, len(flat))
+            index = owner[lo:hi]
+            images = _take(features, index)
+            values = self.score_pairs(images, flat[lo:hi])
+            if hasattr(values, "detach"):
+                values = values.detach().float().cpu().numpy()
+            out[lo:hi] = np.asarray(values, dtype=np.float32).reshape(-1)
+        bounds = np.cumsum([0, *(len(ps) for ps in prompts)])
+        return [out[bounds[i]:bounds[i + 1]] for i in range(len(prompts))]
+
+
+def _take(batch: Any, index: list[int]) -> Any:
+    """Rows ``index`` of a collated batch (tensor, array, dict of them, or list)."""
+    if isinstance(batch, Mapping):
+        return {k: _take(v, index) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [batch[i] for i in index]
+    if type(batch).__module__.startswith("torch"):
+        import torch
+
+        return batch[torch.as_tensor(index, device=batch.device)]
+    return batch[index]
+
+
+# -- normalizers --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A normalizer's tunable setting and the grid the calibration searches.
+
+    :param per_model: one value per reward model (a TextNorm scale: raw rewards live on different
+        scales), chosen for each model by running the normalizer on that model alone; other
+        hyperparameters are chosen afterwards with those values fixed.
+    :param default: the value used when nothing is tuned (default: the first grid value).
+    """
+
+    name: str
+    grid: tuple[float, ...]
+    per_model: bool = False
+    default: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ValueError(f"hyperparameter '{self.name}' has an empty grid")
+
+    @property
+    def default_value(self) -> float:
+        return self.grid[0] if self.default is None else self.default
 
 
 class Normalizer(ABC):
     """Turns raw scores of one or more reward models into one calibrated score per image.
 
-    Input: for each model ``m``, a float array ``[N, 1 + C]``: column 0 is the image's own prompt,
-    columns ``1..C`` its contrastive prompts. Output: float64 ``[N]``.
+    Contract: :meth:`__call__` takes, for the ``N`` images of *one prompt*, ``{model: float
+    [N, 1 + C]}`` (column 0: the image's own prompt; columns ``1..C``: its contrastive prompts)
+    and returns float64 ``[N]``. That is all a plugin must implement.
+
+    Optional declarations the core honours:
+
+    - :attr:`hyperparameters`: what the leaderboard tunes (cross-validated over prompts) and
+      their grids; none: nothing to tune. The constructor takes them as keyword arguments, a
+      per-model one as a number or ``{model: number}``.
+    - :attr:`needs_contrastive`: columns ``1..C`` are required (TextNorm).
+    - :attr:`min_models` / :attr:`max_models`: how many reward models it combines.
+    - :attr:`min_images`: images of one prompt it needs to mean anything (a per-prompt z-score
+      needs 2); fine-tuning refuses normalizers with ``min_images > 1``.
+    - :meth:`batched`: a vectorised fast path over many prompts at once.
     """
 
     id: ClassVar[str]
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    needs_contrastive: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    min_images: ClassVar[int] = 1
+
+    def __init__(self, **values: Any):
+        declared = {h.name: h for h in self.hyperparameters}
+        for name in values:
+            if name not in declared:
+                known = ", ".join(declared) or "none"
+                raise HarnessError(
+                    f"normalizer '{self.id}' has no hyperparameter '{name}'."
+                    f"{did_you_mean(name, declared)} Its hyperparameters: {known}"
+                )
+        self.values: dict[str, Any] = {h.name: h.default_value for h in self.hyperparameters}
+        for name, value in values.items():
+            if isinstance(value, Mapping):
+                if not declared[name].per_model:
+                    raise HarnessError(f"normalizer '{self.id}': '{name}' is one value, not one per model")
+                self.values[name] = {str(k): float(v) for k, v in value.items()}
+            else:
+                self.values[name] = float(value)
+
+    def value(self, name: str, model: str | None = None) -> float:
+        """The hyperparameter ``name`` (for ``model`` when it is per model)."""
+        v = self.values[name]
+        if isinstance(v, Mapping):
+            if model not in v:
+                raise HarnessError(f"normalizer '{self.id}': no {name} given for model '{model}'")
+            return float(v[model])
+        return float(v)
 
     @abstractmethod
-    def __call__(self, scores: dict[str, Any]) -> Any:
-        """``{model_id: [N, 1 + C] array}`` -> ``[N]`` calibrated scores."""
+    def __call__(self, scores: Mapping[str, Any]) -> Any:
+        """``{model: [N, 1 + C]}`` for the images of one prompt -> float64 ``[N]``."""
+
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray) -> np.ndarray | None:
+        """Optional fast path: ``{model: [P, N, K]}`` over ``P`` prompts -> float64 ``[P, N]``.
+
+        ``column_mask`` (bool ``[P, K]``) marks the columns each prompt really has (column 0
+        always); padded images hold arbitrary finite values and their outputs are ignored.
+        Return None (the default) to let the core call :meth:`__call__` prompt by prompt.
+        """
+        return None
 
 
+# -- prompt sets ----------------------------------------------------------------------------------
 class PromptSetGenerator(ABC):
-    """Writes contrastive prompts: a prompt -> prompts that differ from it in one detail."""
+    """Writes contrastive prompts: a prompt -> prompts that differ from it in one detail.
+
+    The constructor takes the generator's settings as keyword arguments; the core passes only
+    those the constructor declares (``data_dir`` for generators that read a benchmark's files).
+    """
 
     id: ClassVar[str]
 
@@ -90,24 +284,101 @@ class PromptSetGenerator(ABC):
         """Prompts -> ``{prompt: [contrastive prompts]}``; every input prompt is a key."""
 
 
+# -- fine-tuning ------------------------------------------------------------------------------------
+@dataclass
+class FineTuneSettings:
+    """What the core reads from every fine-tuner's config (a fine-tuner's ``config_class``
+    subclasses this dataclass and adds its own settings).
+
+    The core composes the reward from these: ``reward`` (one reward-model spec, or a list for an
+    ensemble), optionally calibrated by ``normalizer`` with ``normalizer_options`` (its
+    hyperparameters) against ``contrastive_prompts`` (a generator id or a JSON file).
+    """
+
+    prompts: list[str] = field(default_factory=list)  #: training prompts (or prompts_file)
+    prompts_file: str | None = None
+    reward: str | list[str] = "pickscore"
+    normalizer: str | None = None
+    normalizer_options: dict[str, Any] = field(default_factory=dict)
+    normalizer_scale: float | None = None  #: shorthand for normalizer_options: {scale: ...}
+    contrastive_prompts: str = "rules"
+    seed: int = 0
+    output_dir: str = "runs/finetune"
+    resume_from: str | None = None  #: a checkpoint folder, or "latest"
+    device: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`HarnessError` naming the key of any impossible value."""
+        if not self.prompts and not self.prompts_file:
+            raise HarnessError("config needs training 'prompts' (a list) or a 'prompts_file'")
+
+    def reward_specs(self) -> list[str]:
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward)
+
+    def training_prompts(self) -> list[str]:
+        prompts = list(self.prompts)
+        if self.prompts_file:
+            path = Path(self.prompts_file).expanduser()
+            try:
+                prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            except OSError as exc:
+                raise HarnessError(f"cannot read prompts_file '{path}': {exc.strerror}") from exc
+        if not prompts:
+            raise HarnessError("no training prompts (the prompt set is empty)")
+        return prompts
+
+
+@dataclass
+class FineTuneResult:
+    """What :meth:`FineTuner.train` returns."""
+
+    output_dir: str
+    checkpoints: list[str] = field(default_factory=list)  #: folders, oldest first
+    log: list[dict[str, Any]] = field(default_factory=list)  #: one record per epoch
+    selected: dict[str, Any] | None = None  #: a checkpoint-selection rule's choice, if any
+
+
 class FineTuner(ABC):
-    """Fine-tunes a text-to-image pipeline against a reward callable."""
+    """Fine-tunes a text-to-image model against a reward.
+
+    :attr:`config_class` is a :class:`FineTuneSettings` dataclass holding every setting; the core
+    builds it from YAML (``harness finetune ID --config run.yaml``), builds the reward from it,
+    and calls :meth:`train`. Under Ray Train every worker calls :meth:`train` inside an
+    initialised ``torch.distributed`` group; a fine-tuner that shards work reads the rank there.
+    """
 
     id: ClassVar[str]
+    config_class: ClassVar[type[FineTuneSettings]] = FineTuneSettings
 
     @abstractmethod
-    def train(self, pipeline: Any, reward: Any, prompts: Sequence[str], config: Any) -> Any:
-        """Train; returns the checkpoints written and the training log."""
+    def train(
+        self,
+        config: FineTuneSettings,
+        reward: Callable[[Sequence[Any], Sequence[str]], Any],
+        *,
+        progress: bool = False,
+        on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None,
+    ) -> FineTuneResult:
+        """Train; ``reward(images, prompts) -> float64 [B]``.
+
+        :param on_checkpoint: called with each checkpoint folder and the epoch's log after it is
+            written (Ray Train reports it).
+        """
+
+    def check_workers(self, config: FineTuneSettings, workers: int) -> None:
+        """Refuse a data-parallel run of ``workers`` workers this config cannot split (Ray Train)."""
 
 
+# -- benchmarks -------------------------------------------------------------------------------------
 @dataclass
 class BenchmarkData:
     """One benchmark's annotations, as loaded (images need not exist on disk).
 
     ``images`` has one row per image and the columns
-    ``subset, prompt_id, prompt, image, label_0, label_1, label_2, binary, graded``
-    (``binary``: int8 0/1; ``graded``: float64 in [0, 1]) plus ``path`` once images are resolved.
-    ``contrastive`` maps ``(subset, prompt)`` to its contrastive prompts.
+    ``subset, prompt_id, prompt, image, binary, graded`` (``binary``: int8 0/1; ``graded``:
+    float64 in [0, 1]; the per-annotator ``label_0, label_1, ...`` where the benchmark has them)
+    plus ``path`` once images are resolved. ``contrastive`` maps ``(subset, prompt)`` to the
+    contrastive prompts the benchmark ships, if any.
     """
 
     benchmark: str
@@ -115,31 +386,69 @@ class BenchmarkData:
     contrastive: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  #: relative path -> sha256
     source: str = ""  #: where the annotations came from (a folder or a URL)
+    checksum_mismatches: list[str] = field(default_factory=list)  #: files that differ from the card
 
 
 class Benchmark(ABC):
     """A labelled benchmark of generated images (e.g. TIA2).
 
-    ``Benchmark(data_dir=None, cache_dir=None)``: annotations come from ``data_dir`` or are
-    downloaded into ``cache_dir``.
+    ``Benchmark(data_dir=None)``: annotations come from ``data_dir`` or are downloaded into the
+    user cache.
     """
 
     id: ClassVar[str]
     subsets: ClassVar[tuple[str, ...]]
     description: ClassVar[str] = ""
+    #: What the headline numbers mean, printed under every table and recorded in the manifest.
+    protocol: ClassVar[str] = ""
+
+    def __init__(self, data_dir: str | Path | None = None):
+        self.data_dir = data_dir
+
+    def check_subsets(self, subsets: Sequence[str] | None) -> list[str]:
+        """The subsets to evaluate (all when None); an unknown one gets "did you mean"."""
+        if not subsets:
+            return list(self.subsets)
+        for s in subsets:
+            if s not in self.subsets:
+                raise HarnessError(
+                    f"benchmark '{self.id}' has no subset '{s}'.{did_you_mean(s, self.subsets)} "
+                    f"Subsets: {', '.join(self.subsets)}"
+                )
+        return list(dict.fromkeys(subsets))
 
     @abstractmethod
     def load(self, subsets: Sequence[str] | None = None) -> BenchmarkData:
         """Load annotations of ``subsets`` (all when ``None``)."""
 
     def reported(self, subsets: Sequence[str] | None = None) -> pd.DataFrame:
-        """Published per-prompt metrics: columns ``subset, method, prompt`` + metric names."""
+        """Published per-prompt metrics: columns ``subset, method, prompt`` + metric names
+        (and ``scale``/``lambda`` where the authors released tuned values). Default: none."""
         import pandas as pd
 
-        return pd.DataFrame()
+        return pd.DataFrame(columns=["subset", "method", "prompt"])
 
-    @abstractmethod
     def resolve_images(
         self, data: BenchmarkData, images_dir: str | Path, skip_missing: bool = False
     ) -> tuple[BenchmarkData, list[str]]:
-        """Add a ``path`` column; returns the data (missing rows dropped) and the missing files."""
+        """Add a ``path`` column: ``images_dir/<subset>/<image>`` (or ``images_dir/<image>``
+        for a one-subset benchmark). Returns the data (missing rows dropped when
+        ``skip_missing``) and the missing files; without ``skip_missing`` a missing file is an
+        error listing them."""
+        frame = data.images.copy()
+        root = Path(images_dir).expanduser()
+        if not root.is_dir():
+            raise HarnessError(f"images folder '{root}' does not exist")
+        nested = len(self.subsets) > 1 or (root / str(self.subsets[0])).is_dir()
+        frame["path"] = [str(root / str(s) / i) if nested else str(root / i)
+                         for s, i in zip(frame["subset"], frame["image"], strict=True)]
+        exists = [Path(p).is_file() for p in frame["path"]]
+        missing = [p for p, ok in zip(frame["path"], exists, strict=True) if not ok]
+        if missing and not skip_missing:
+            raise HarnessError(
+                f"{len(missing)} of {len(frame)} images of '{self.id}' are missing under "
+                f"'{root}', e.g. {missing[0]}; pass --skip-missing to score the rest"
+            )
+        kept = frame[exists].reset_index(drop=True)
+        return dataclasses.replace(data, images=kept), missing
+

@@ -157,7 +157,7 @@ class LLMPrompts(PromptSetGenerator):
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.max_tokens, self.min_prompts = max_tokens, min_prompts
         if cache is True:
-            from harness.data.download import cache_dir
+            from harness.io import cache_dir
 
             cache = cache_dir() / "prompt_sets.sqlite"
         self.cache = PromptCache(Path(cache)) if cache else None

@@ -16,7 +16,7 @@ and columns ``1..C`` its contrastive prompts. Output: float64 ``[N]``.
 - ``zscore``: each model's own-prompt scores standardised over the prompt's images, averaged over
   models (an ensemble baseline without contrastive prompts).
 
-Scales and lambda are chosen by :mod:`harness.calibration` (cross-validation over prompts by
+Scales and lambda are chosen by :mod:`harness.evaluation.calibration` (cross-validation over prompts by
 default, or per-prompt "oracle" tuning when asked for explicitly).
 """
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from test_tia2 import PAPER_AUROC
 
-from harness.leaderboard import ROW_KEYS, leaderboard
-from harness.metrics import METRICS
+from harness.evaluation.leaderboard import ROW_KEYS, leaderboard
+from harness.evaluation.metrics import METRICS
 
 
 def harness(*args, cwd=None):

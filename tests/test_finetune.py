@@ -12,8 +12,8 @@ import torch
 from tiny_models import TEST_CACHE, make_tiny_sd
 
 from harness.errors import HarnessError
-from harness.finetune.config import DDPOConfig, SFTConfig, load_config
-from harness.finetune.diffusion import (
+from harness_plugins.sd.config import DDPOConfig, SFTConfig, load_config
+from harness_plugins.sd.diffusion import (
     ddim_step_with_logprob,
     encode_prompts,
     load_pipeline,
@@ -21,8 +21,8 @@ from harness.finetune.diffusion import (
     sample_with_logprob,
     unet_guided,
 )
-from harness_plugins.sd_ddpo import DDPOTrainer
-from harness_plugins.sd_sft import SFTTrainer
+from harness_plugins.sd.ddpo import DDPOTrainer
+from harness_plugins.sd.sft import SFTTrainer
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -209,7 +209,7 @@ def test_two_iterations_checkpoints_and_exact_resume(cls, cfg_cls, sd, tmp_path)
 
 
 def test_lora_weights_save_and_load(sd, tmp_path):
-    from harness.finetune.diffusion import add_lora, load_lora
+    from harness_plugins.sd.diffusion import add_lora, load_lora
 
     trainer = DDPOTrainer(config(DDPOConfig, sd, tmp_path / "run", num_epochs=1, train_learning_rate=1e-2),
                           reward=brightness)

@@ -548,8 +548,8 @@ def test_registers_through_the_plugin_hook():
 
 
 def test_conformance_and_engine_with_workers(ckpt, images, tmp_path):
-    from harness.reward_models import load_reward_model
-    from harness.scoring import score_images
+    from harness.scoring.specs import load_reward_model
+    from harness.scoring.runner import score_images
     from harness.testing import check_reward_model
 
     model = load_reward_model(f"imagereward:checkpoint={ckpt}", device="cpu")

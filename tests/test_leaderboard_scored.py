@@ -8,7 +8,7 @@ import pytest
 from test_cli import harness, one_line_error
 from tiny_models import make_tiny_blip2, make_tiny_clip
 
-from harness.metrics import METRICS, prompt_metrics
+from harness.evaluation.metrics import METRICS, prompt_metrics
 
 
 @pytest.fixture(scope="module")

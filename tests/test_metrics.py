@@ -6,7 +6,7 @@ import pytest
 from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from harness.metrics import (
+from harness.evaluation.metrics import (
     METRICS,
     aggregate,
     batch_prompt_metrics,

@@ -10,12 +10,12 @@ import pytest
 from tiny_models import make_image_folder, make_tiny_clip
 
 from harness.errors import HarnessError
-from harness.reward_models import load_reward_model
-from harness.score_cache import ScoreCache
-from harness.scoring import ScorePlan, score_images
+from harness.scoring.specs import load_reward_model
+from harness.scoring.cache import ScoreCache
+from harness.scoring.runner import ScorePlan, score_images
 
 ray = pytest.importorskip("ray")
-from harness.ray_executor import RayOptions  # noqa: E402
+from harness.scoring.ray import RayOptions  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 PROMPTS = ["a realistic photo of an airplane", "two airplanes", "three airplanes"]

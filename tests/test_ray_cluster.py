@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from tiny_models import make_image_folder, make_tiny_clip
 
-from harness.reward_models import load_reward_model
-from harness.score_cache import ScoreCache
-from harness.scoring import ScorePlan, score_images
+from harness.scoring.specs import load_reward_model
+from harness.scoring.cache import ScoreCache
+from harness.scoring.runner import ScorePlan, score_images
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from harness.ray_executor import RayOptions  # noqa: E402
+from harness.scoring.ray import RayOptions  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 PROMPTS = ["a realistic photo of an airplane", "two airplanes"]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from tiny_models import make_tiny_sd
 
-from harness.finetune.config import DDPOConfig, SFTConfig, load_config
+from harness_plugins.sd.config import DDPOConfig, SFTConfig, load_config
 
 ray = pytest.importorskip("ray")
 from harness.finetune.ray_train import train_on_ray  # noqa: E402

@@ -7,7 +7,7 @@ from PIL import Image
 from tiny_models import make_image_folder, make_tiny_blip2, make_tiny_clip
 
 from harness.errors import HarnessError, UnknownIdError
-from harness.reward_models import load_reward_model, parse_model_spec
+from harness.scoring.specs import load_reward_model, parse_model_spec
 from harness.testing import check_reward_model
 
 PROMPTS = [
@@ -148,7 +148,7 @@ def test_model_specs():
     with pytest.raises(HarnessError, match="expected key=value"):
         parse_model_spec("clip:checkpoint")
     # Two models under one name would be mixed in tables and ensembles.
-    from harness.reward_models import check_unique_labels
+    from harness.scoring.specs import check_unique_labels
 
     with pytest.raises(HarnessError, match="both named 'clip'; add label=NAME"):
         check_unique_labels([parse_model_spec("clip"), parse_model_spec("clip:checkpoint=/b32")])
@@ -158,7 +158,7 @@ def test_model_specs():
 
 
 def test_cache_key_covers_every_setting(ckpts):
-    from harness.scoring import model_cache_key
+    from harness.scoring.runner import model_cache_key
 
     base = load_reward_model(f"blip2:checkpoint={ckpts['blip2']}", device="cpu")
     longer = load_reward_model(f"blip2:checkpoint={ckpts['blip2']},max_text_tokens=64,label=b", device="cpu")

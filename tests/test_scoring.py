@@ -9,9 +9,9 @@ import torch
 from tiny_models import make_image_folder, make_tiny_clip
 
 from harness.errors import HarnessError
-from harness.reward_models import load_reward_model
-from harness.score_cache import ScoreCache
-from harness.scoring import model_cache_key, score_images
+from harness.scoring.specs import load_reward_model
+from harness.scoring.cache import ScoreCache
+from harness.scoring.runner import model_cache_key, score_images
 
 PROMPTS = ["a realistic photo of an airplane"] + [f"a realistic photo of {n} airplanes"
                                                  for n in ("two", "three", "four", "five", "six")]

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.calibration import ContrastiveScores, calibrate, make_folds, textnorm_tensor
+from harness.evaluation.calibration import ContrastiveScores, calibrate, make_folds, textnorm_tensor
 from harness.errors import HarnessError
-from harness.metrics import prompt_metrics
+from harness.evaluation.metrics import prompt_metrics
 from harness.plugins import get_plugins
 
 RAW_A = np.array([[0.30, 0.20, 0.25], [0.10, 0.40, 0.20]])  # 2 images, prompt + 2 contrastive
@@ -160,7 +160,7 @@ def test_calibration_errors():
 
 
 def test_leaderboard_calibration_drops_images_a_model_could_not_score():
-    from harness.leaderboard import _calibrated_rows
+    from harness.evaluation.leaderboard import _calibrated_rows
 
     data, frame = synthetic(P=6, N=8, C=3)
     frame = frame.assign(subset="s")

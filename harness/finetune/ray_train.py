@@ -51,7 +51,7 @@ class SharedReward:
 def _reward_factory(config: Any) -> tuple[str, Callable[[], Any]]:
     from functools import partial
 
-    from harness.finetune.rewards import RewardFunction
+    from harness.finetune.reward import RewardFunction
 
     name = config.reward if config.normalizer is None else f"{config.normalizer}({config.reward})"
     return name, partial(RewardFunction, config.reward, normalizer=config.normalizer,
@@ -114,7 +114,7 @@ def train_on_ray(
         default: ``config.reward`` (a reward-model spec, optionally with ``config.normalizer``).
     """
     from harness.plugins import get_plugins
-    from harness.ray_executor import RayOptions, connect
+    from harness.scoring.ray import RayOptions, connect
 
     tuner = get_plugins().finetuners.get(method)
     config.validate()

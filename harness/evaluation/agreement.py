@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness.metrics import METRICS, per_prompt_metrics
+from harness.evaluation.metrics import METRICS, per_prompt_metrics
 
 LABEL_COLUMNS = ("label_0", "label_1", "label_2")
 

@@ -2,7 +2,7 @@
 
 550 prompts x 50 Stable Diffusion 2.1 images, three human alignment labels per image. The
 annotations come from ``data_dir`` (the layout of the authors' kykim0/TextNorm repository) or are
-downloaded from that repository at the revision pinned in ``registry/benchmarks/tia2.yaml`` and
+downloaded from that repository at the revision pinned in ``card.yaml`` beside this module and
 checked against the sha256 sums recorded there. Labels: 1 aligned, 0 not aligned, -1 (rare,
 undocumented) is read as "not 1". An image is aligned (``binary`` = 1) when at least two of its
 three labels are 1; ``graded`` is the mean of the three labels with -1 counted as 0.
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import pandas as pd
 
-from harness.data.download import cache_dir, fetch, sha256_file
+from harness.io import cache_dir, fetch, sha256_file
 from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
 from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
@@ -32,9 +32,12 @@ _IMAGE_RE = re.compile(r"^image_(\d+)_(\d+)_(\d+)\.jpg$")
 
 
 def _card() -> dict[str, Any]:
-    from harness_registry import load_card
+    """The data card beside this module: source repository, pinned revision, files and sha256."""
+    from importlib import resources
 
-    return load_card("benchmarks", "tia2")
+    import yaml
+
+    return yaml.safe_load(resources.files(__name__).joinpath("card.yaml").read_text(encoding="utf-8"))
 
 
 def _read_json(path: Path) -> Any:
@@ -219,7 +222,7 @@ class TIA2(Benchmark):
         import numpy as np
         import pandas as pd
 
-        from harness.metrics import METRICS
+        from harness.evaluation.metrics import METRICS
 
         rows = []
         for subset in self.check_subsets(subsets):

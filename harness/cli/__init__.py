@@ -121,7 +121,7 @@ def _ray_options(executor: str, address: str | None, actors: int, gpus_per_actor
         if address is not None or actors != 1 or gpus_per_actor is not None:
             raise HarnessError("--address, --actors and --gpus-per-actor need --executor ray")
         return None
-    from harness.ray_executor import RayOptions
+    from harness.scoring.ray import RayOptions
 
     return RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
 
@@ -188,10 +188,10 @@ def score_command(
     """Score images against prompts with one or more reward models."""
     import pandas as pd
 
-    from harness.atomic import write_text
-    from harness.reward_models import load_reward_model, parse_model_spec
-    from harness.score_cache import open_score_cache
-    from harness.scoring import score_images
+    from harness.io import write_text
+    from harness.scoring.specs import load_reward_model, parse_model_spec
+    from harness.scoring.cache import open_score_cache
+    from harness.scoring.runner import score_images
 
     if not models:
         raise HarnessError("give at least one --model (see `harness models`)")
@@ -292,7 +292,7 @@ def prompts_group() -> None:
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="TIA2 annotation folder (tia2).")
 def prompts_generate(generator: str, input_path: Path, out: Path, **settings: Any) -> None:
     """Write contrastive prompts for every prompt in --input."""
-    from harness.atomic import write_json
+    from harness.io import write_json
     from harness.plugins import get_plugins
 
     cls = get_plugins().prompt_generators.get(generator)
@@ -350,7 +350,7 @@ def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...],
     """Fine-tune Stable Diffusion against a reward with SFT or DDPO (LoRA)."""
     import yaml
 
-    from harness.finetune.config import load_config
+    from harness_plugins.sd.config import load_config
     from harness.plugins import get_plugins
 
     tuner = get_plugins().finetuners.get(f"sd_{method}")
@@ -422,8 +422,8 @@ def leaderboard_command(
     Without --model: the paper's reported rows and the human-agreement row. With --model (and
     --images): each model scores every image against its prompt and gets a "scored" row.
     """
-    from harness.leaderboard import run_leaderboard
-    from harness.report import render_terminal, rows_as_records
+    from harness.evaluation.leaderboard import run_leaderboard
+    from harness.evaluation.report import render_terminal, rows_as_records
 
     result = run_leaderboard(
         benchmark, data=data, subsets=list(subsets) or None, images=images,
@@ -454,8 +454,8 @@ def leaderboard_command(
 @click.option("--plots/--no-plots", default=True, help="Redraw plots/*.png.")
 def report_command(run_dir: Path, plots: bool) -> None:
     """Re-render a run folder's tables and plots from its leaderboard.json."""
-    from harness.atomic import write_text
-    from harness.report import load_rows, plot_rows, render_html, render_markdown, render_terminal
+    from harness.io import write_text
+    from harness.evaluation.report import load_rows, plot_rows, render_html, render_markdown, render_terminal
 
     rows = load_rows(run_dir)
     write_text(run_dir / "leaderboard.md", render_markdown(rows))

@@ -21,7 +21,7 @@ class RewardFunction:
     def __init__(self, spec: str, normalizer: str | None = None, scale: float = 1.0,
                  contrastive: str | dict[str, list[str]] = "rules", device: str | None = None,
                  prompts: Sequence[str] = ()):
-        from harness.reward_models import load_reward_model
+        from harness.scoring.specs import load_reward_model
 
         self.name = spec if normalizer is None else f"{normalizer}({spec})"
         self.model = load_reward_model(spec, device=device)
@@ -60,7 +60,7 @@ class RewardFunction:
     def __call__(self, images: Sequence[Any], prompts: Sequence[str]) -> np.ndarray:
         import torch
 
-        from harness.scoring import _collate
+        from harness.scoring.runner import _collate
 
         batch = _collate([(i, self.model.preprocess(im), None) for i, im in enumerate(images)])[1]
         with torch.no_grad():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.atomic import atomic_path, write_text
+from harness.io import atomic_path, write_text
 
 
 class OveroptimizationMonitor:
@@ -40,7 +40,7 @@ class OveroptimizationMonitor:
                  resolution: int | None) -> pd.DataFrame:
         import torch
 
-        from harness.finetune.diffusion import encode_prompts, sample_with_logprob, to_pil
+        from harness_plugins.sd.diffusion import encode_prompts, sample_with_logprob, to_pil
 
         self.rows = [r for r in self.rows if r["epoch"] != epoch]
         for p, prompt in enumerate(self.prompts):

@@ -13,9 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.finetune.config import SFTConfig
-from harness.finetune.trainer import RewardTrainer, TrainerFineTuner, seeded
-from harness.hookspecs import hookimpl
+from harness_plugins.sd.config import SFTConfig
+from harness_plugins.sd.trainer import RewardTrainer, TrainerFineTuner, seeded
 
 
 class SFTTrainer(RewardTrainer):
@@ -24,7 +23,7 @@ class SFTTrainer(RewardTrainer):
     def generate(self, e: int) -> dict[str, Any]:
         import torch
 
-        from harness.finetune.diffusion import encode_prompts, sample_with_logprob, to_pil
+        from harness_plugins.sd.diffusion import encode_prompts, sample_with_logprob, to_pil
 
         c = self.config
         images, prompts, rewards = [], [], []
@@ -48,7 +47,7 @@ class SFTTrainer(RewardTrainer):
     def epoch(self, e: int) -> dict[str, Any]:
         import torch
 
-        from harness.finetune.diffusion import encode_prompts
+        from harness_plugins.sd.diffusion import encode_prompts
 
         c = self.config
         gen = self.generate(e)
@@ -92,7 +91,3 @@ class SDSFT(TrainerFineTuner):
     config_class = SFTConfig
     trainer_class = SFTTrainer
 
-
-@hookimpl
-def register_finetuners(register):
-    register(SDSFT, aliases=("sft",))

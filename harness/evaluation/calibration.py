@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.metrics import METRICS, batch_prompt_metrics
+from harness.evaluation.metrics import METRICS, batch_prompt_metrics
 
 SCALES: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 LAMBDAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)

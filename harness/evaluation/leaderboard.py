@@ -1,15 +1,15 @@
 """The leaderboard: reward models (and the paper's reported numbers) against human labels.
 
-Rows are methods, columns the seven metrics of :mod:`harness.metrics` with bootstrap confidence
+Rows are methods, columns the seven metrics of :mod:`harness.evaluation.metrics` with bootstrap confidence
 intervals over prompts, per benchmark subset. Sources:
 
 - ``reported``: the mean of the per-prompt metrics the benchmark's authors released;
-- ``human``: leave-one-annotator-out agreement (:mod:`harness.agreement`);
+- ``human``: leave-one-annotator-out agreement (:mod:`harness.evaluation.agreement`);
 - ``scored``: a reward model run by this harness on the benchmark's images, with a paired
   bootstrap test against the ``reported`` row of the same model on the same prompts.
 
 Use :func:`leaderboard` for a DataFrame, :func:`run_leaderboard` for the full result (per-prompt
-table, manifest) and, with ``out=``, a run folder written by :mod:`harness.report`.
+table, manifest) and, with ``out=``, a run folder written by :mod:`harness.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.agreement import human_agreement
+from harness.evaluation.agreement import human_agreement
 from harness.errors import HarnessError
-from harness.metrics import METRICS, aggregate
+from harness.evaluation.metrics import METRICS, aggregate
 from harness.plugins import get_plugins
 
 ROW_KEYS = ("subset", "method", "source", "n_prompts", *METRICS, *(f"{m}_ci" for m in METRICS))
@@ -114,7 +114,7 @@ def run_leaderboard(
     if models and images is None:
         raise HarnessError("scoring reward models needs the benchmark images: pass --images DIR")
     if models:
-        from harness.reward_models import check_unique_labels, parse_model_spec
+        from harness.scoring.specs import check_unique_labels, parse_model_spec
 
         check_unique_labels([parse_model_spec(m) for m in models])
     if (normalizers or ensembles) and not models:
@@ -176,7 +176,7 @@ def run_leaderboard(
             labels[["subset", "prompt", "image", "binary", "graded"]],
             on=["subset", "prompt", "image"], how="left",
         )
-        from harness.metrics import per_prompt_metrics
+        from harness.evaluation.metrics import per_prompt_metrics
 
         for method, group in scored.groupby("method", sort=False):
             pp = per_prompt_metrics(group, score="score", by=("subset", "prompt"))
@@ -232,7 +232,7 @@ def run_leaderboard(
             "address": ray_options.address, "actors": ray_options.actors,
             "gpus_per_actor": ray_options.gpus_per_actor, "cpus_per_actor": ray_options.cpus_per_actor},
     }
-    from harness.manifest import build_manifest
+    from harness.evaluation.manifest import build_manifest
 
     manifest = build_manifest(
         config,
@@ -251,7 +251,7 @@ def run_leaderboard(
     result = LeaderboardResult(rows, per_prompt, manifest, notes, missing, scores=scores_frame,
                                comparisons=comparisons, failed_images=failed)
     if out is not None:
-        from harness.report import write_run
+        from harness.evaluation.report import write_run
 
         result.run_dir = write_run(out, result, plots=plots)
     return result
@@ -268,9 +268,9 @@ def _score_models(
     :returns: a long table ``subset, prompt, image, method, column, text, score``, the images
         that could not be read, and each model's description for the manifest.
     """
-    from harness.reward_models import load_reward_model, parse_model_spec
-    from harness.score_cache import open_score_cache
-    from harness.scoring import score_images
+    from harness.scoring.specs import load_reward_model, parse_model_spec
+    from harness.scoring.cache import open_score_cache
+    from harness.scoring.runner import score_images
 
     store = open_score_cache(cache)
     frames, failed, info = [], {}, []
@@ -349,7 +349,7 @@ def _calibrated_rows(
     ensembles: Sequence[str], *, prompt_sets: str, selection: str, folds: int, seed: int,
     metric: str, standardize: bool,
 ) -> tuple[list[pd.DataFrame], list[dict[str, Any]]]:
-    from harness.calibration import ContrastiveScores, calibrate
+    from harness.evaluation.calibration import ContrastiveScores, calibrate
 
     registry = get_plugins().normalizers
     for name in [*normalizers, *ensembles]:
@@ -404,7 +404,7 @@ def compare_with_reported(
     A scored method ``blip2[mode=itc]`` is compared with the reported ``blip2``. Only prompts
     present in both enter the test.
     """
-    from harness.metrics import paired_bootstrap
+    from harness.evaluation.metrics import paired_bootstrap
 
     out = []
     scored = per_prompt[per_prompt["source"] == "scored"]

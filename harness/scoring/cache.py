@@ -81,7 +81,7 @@ def open_score_cache(cache: str | Path | None | bool) -> ScoreCache | None:
     if cache is False or cache is None:
         return None
     if cache is True:
-        from harness.data.download import cache_dir
+        from harness.io import cache_dir
 
         return ScoreCache(cache_dir() / "scores.sqlite")
     return ScoreCache(cache)

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from harness.atomic import atomic_path, write_json, write_text
+from harness.io import atomic_path, write_json, write_text
 from harness.errors import HarnessError
-from harness.metrics import METRICS
+from harness.evaluation.metrics import METRICS
 
 if TYPE_CHECKING:
-    from harness.leaderboard import LeaderboardResult
+    from harness.evaluation.leaderboard import LeaderboardResult
 
 METRIC_LABELS = {
     "auroc": "AUROC", "auprc": "AUPRC", "ap5": "AP@5", "ap10": "AP@10", "ap25": "AP@25",

@@ -3,7 +3,7 @@
 ``score_images(model, paths, prompts)`` runs a :class:`harness.types.RewardModel` over image
 files. N prompts per image cost one image encode plus N text (or head) passes. DataLoader workers
 decode and preprocess; batches are pinned for fast host-to-GPU copies; a tqdm bar shows images/s.
-With a :class:`~harness.score_cache.ScoreCache`, scores are looked up by (model key, image content
+With a :class:`~harness.scoring.cache.ScoreCache`, scores are looked up by (model key, image content
 hash, prompt) first and written after every batch: nothing is computed twice, and a run killed
 midway resumes where it stopped with the same final scores.
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.score_cache import ScoreCache
+from harness.scoring.cache import ScoreCache
 from harness.types import RewardModel
 
 log = logging.getLogger("harness.scoring")
@@ -167,8 +167,8 @@ def score_images(
 
     :param batch_size: images per forward pass (each with all its prompts).
     :param num_workers: DataLoader worker processes that decode and preprocess images (local).
-    :param executor: ``local`` (this process) or ``ray`` (see :mod:`harness.ray_executor`;
-        ``ray_options`` is a :class:`~harness.ray_executor.RayOptions`). Both read and write the
+    :param executor: ``local`` (this process) or ``ray`` (see :mod:`harness.scoring.ray`;
+        ``ray_options`` is a :class:`~harness.scoring.ray.RayOptions`). Both read and write the
         same cache and give the same scores.
     :returns: a :class:`ScoreRun`; ``scores[i]`` is None for images in ``failed``.
     """
@@ -187,7 +187,7 @@ def score_images(
             bar = tqdm(total=len(plan.todo), unit="img", desc=plan.model_name, dynamic_ncols=True)
         try:
             if executor == "ray":
-                from harness.ray_executor import ray_batches
+                from harness.scoring.ray import ray_batches
 
                 batches = ray_batches(model, plan, batch_size, ray_options)
             else:

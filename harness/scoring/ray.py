@@ -131,7 +131,7 @@ class _ModelActor:
         if good:
             pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][k]) for k in good]))
             prompts = [json.loads(batch["prompts"][k]) for k in good]
-            from harness.scoring import _run_with_backoff
+            from harness.scoring.runner import _run_with_backoff
 
             # Out-of-memory on the actor's GPU halves the batch, as in the local executor.
             for k, values in zip(good, _run_with_backoff(self.model, pixels, prompts), strict=True):
@@ -154,7 +154,7 @@ def default_factory(model: Any) -> Callable[[], Any]:
         raise HarnessError(
             f"reward model '{getattr(model, 'id', type(model).__name__)}' was not built by "
             "load_reward_model, so Ray actors cannot rebuild it: load it with "
-            "harness.reward_models.load_reward_model or pass RayOptions(factory=...)"
+            "harness.scoring.specs.load_reward_model or pass RayOptions(factory=...)"
         )
     dtype = getattr(model, "harness_dtype", None) or getattr(model, "dtype", None)
     return partial(_load_in_actor, spec, dtype if isinstance(dtype, str) else None)
@@ -163,7 +163,7 @@ def default_factory(model: Any) -> Callable[[], Any]:
 def _load_in_actor(spec: Any, dtype: str | None) -> Any:
     import torch
 
-    from harness.reward_models import load_reward_model
+    from harness.scoring.specs import load_reward_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_reward_model(spec, device=device, dtype=dtype or "auto")

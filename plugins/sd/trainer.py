@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.atomic import write_json, write_text
+from harness.io import write_json, write_text
 from harness.errors import HarnessError
-from harness.finetune.config import FineTuneConfig
+from harness_plugins.sd.config import FineTuneConfig
 from harness.types import FineTuner
 
 log = logging.getLogger("harness.finetune")
@@ -54,8 +54,8 @@ class RewardTrainer:
                  progress: bool = False):
         import torch
 
-        from harness.finetune.diffusion import add_lora, load_pipeline
-        from harness.finetune.rewards import as_reward
+        from harness_plugins.sd.diffusion import add_lora, load_pipeline
+        from harness.finetune.reward import as_reward
 
         config.validate()
         self.config = config
@@ -92,8 +92,8 @@ class RewardTrainer:
         self.history: list[dict[str, Any]] = []
         self.monitor = None
         if config.eval_prompts and config.eval_freq:
-            from harness.finetune.monitor import OveroptimizationMonitor
-            from harness.finetune.rewards import RewardFunction
+            from harness_plugins.sd.monitor import OveroptimizationMonitor
+            from harness.finetune.reward import RewardFunction
 
             rewards = {self.reward_name: self.reward}
             for spec in config.heldout_rewards:
@@ -244,7 +244,7 @@ class RewardTrainer:
 
         import torch
 
-        from harness.finetune.diffusion import save_lora
+        from harness_plugins.sd.diffusion import save_lora
 
         final = self.out / "checkpoints" / f"epoch-{self.epoch_done:04d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -267,7 +267,7 @@ class RewardTrainer:
     def resume(self, where: str) -> None:
         import torch
 
-        from harness.finetune.diffusion import load_lora
+        from harness_plugins.sd.diffusion import load_lora
 
         folder = self.latest_checkpoint() if where == "latest" else Path(where).expanduser()
         if folder is None:

@@ -15,16 +15,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.finetune.config import DDPOConfig
-from harness.finetune.trainer import RewardTrainer, TrainerFineTuner, seeded
-from harness.hookspecs import hookimpl
+from harness_plugins.sd.config import DDPOConfig
+from harness_plugins.sd.trainer import RewardTrainer, TrainerFineTuner, seeded
 
 
 class DDPOTrainer(RewardTrainer):
     kind = "ddpo"
 
     def __init__(self, config: DDPOConfig, **kwargs: Any):
-        from harness.finetune.diffusion import PerPromptStatTracker
+        from harness_plugins.sd.diffusion import PerPromptStatTracker
 
         self.tracker = PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size,
                                             config.per_prompt_stat_tracking_min_count)
@@ -39,7 +38,7 @@ class DDPOTrainer(RewardTrainer):
     def sample(self, e: int) -> dict[str, Any]:
         import torch
 
-        from harness.finetune.diffusion import encode_prompts, sample_with_logprob, to_pil
+        from harness_plugins.sd.diffusion import encode_prompts, sample_with_logprob, to_pil
 
         c = self.config
         batches = []
@@ -65,7 +64,7 @@ class DDPOTrainer(RewardTrainer):
     def epoch(self, e: int) -> dict[str, Any]:
         import torch
 
-        from harness.finetune.diffusion import ddim_step_with_logprob, ppo_loss, unet_guided
+        from harness_plugins.sd.diffusion import ddim_step_with_logprob, ppo_loss, unet_guided
 
         c = self.config
         s = self.sample(e)
@@ -128,7 +127,3 @@ class SDDDPO(TrainerFineTuner):
     config_class = DDPOConfig
     trainer_class = DDPOTrainer
 
-
-@hookimpl
-def register_finetuners(register):
-    register(SDDDPO, aliases=("ddpo",))

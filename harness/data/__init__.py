@@ -1,1 +1,0 @@
-"""Benchmark data: downloads with checksums, a user cache, annotation parsing."""
