@@ -17,6 +17,7 @@ Environment:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -25,13 +26,21 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
 from harness import __version__, hookspecs
 from harness.errors import PluginError, UnknownIdError
-from harness.types import Benchmark, FineTuner, Normalizer, PromptSetGenerator, RewardModel
+from harness.types import (
+    Benchmark,
+    FineTuner,
+    FineTuneSettings,
+    Hyperparameter,
+    Normalizer,
+    PromptSetGenerator,
+    RewardModel,
+)
 
 log = logging.getLogger("harness.plugins")
 
@@ -51,13 +60,16 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 )
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class Kind:
+class Kind(Generic[T]):
     """One kind of registrable thing: its hook, its base class and its human name."""
 
     key: str  # key in ``harness plugins --json`` output
     hook: str
-    base: type
+    base: type[T]
     label: str
 
 
@@ -71,19 +83,23 @@ KINDS: tuple[Kind, ...] = (
 
 
 @dataclass(frozen=True)
-class Entry:
+class Entry(Generic[T]):
     id: str
-    cls: type
+    cls: type[T]
     plugin: str
     aliases: tuple[str, ...] = ()
 
 
-class Catalog:
-    """The registered classes of one kind, with ids, aliases and "did you mean" lookup."""
+class Catalog(Generic[T]):
+    """The registered classes of one kind, with ids, aliases and "did you mean" lookup.
 
-    def __init__(self, kind: Kind):
+    ``Catalog[RewardModel]``: :meth:`get` returns ``type[RewardModel]``, so type checkers know
+    what a lookup gives.
+    """
+
+    def __init__(self, kind: Kind[T]):
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry[T]] = {}
         self._aliases: dict[str, str] = {}
 
     def add(self, entry: Entry) -> None:
@@ -105,13 +121,13 @@ class Catalog:
             return self._entries[self._aliases[name]]
         return None
 
-    def entry(self, name: str) -> Entry:
+    def entry(self, name: str) -> Entry[T]:
         found = self._owner(name)
         if found is None:
             raise UnknownIdError(self.kind.label, name, [*self._entries, *self._aliases])
         return found
 
-    def get(self, name: str) -> type:
+    def get(self, name: str) -> type[T]:
         """The class registered under ``name`` (an id or an alias)."""
         return self.entry(name).cls
 
@@ -121,7 +137,7 @@ class Catalog:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._owner(name) is not None
 
-    def __iter__(self) -> Iterator[Entry]:
+    def __iter__(self) -> Iterator[Entry[T]]:
         return iter(self._entries.values())
 
     def __len__(self) -> int:
@@ -143,6 +159,38 @@ class PluginInfo:
             "hooks": self.hooks,
             "registered": self.registered,
         }
+
+
+def _contract_problem(cls: type) -> str | None:
+    """What a registered class gets wrong about its contract's declarations, if anything."""
+    if issubclass(cls, RewardModel):
+        params = inspect.signature(cls).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            missing = [n for n in ("checkpoint", "device", "dtype") if n not in params]
+            if missing:
+                return (f"does not accept the constructor arguments {', '.join(missing)}: a reward "
+                        "model is built as Model(checkpoint=None, device='cpu', dtype='float32', "
+                        "**options) (or omit __init__ to inherit RewardModel's)")
+    if issubclass(cls, Normalizer):
+        hypers = cls.hyperparameters
+        if not isinstance(hypers, tuple) or not all(isinstance(h, Hyperparameter) for h in hypers):
+            return "declares hyperparameters that are not a tuple of harness.types.Hyperparameter"
+    if issubclass(cls, FineTuner):
+        config = cls.config_class
+        if not (inspect.isclass(config) and issubclass(config, FineTuneSettings)
+                and dataclasses.is_dataclass(config)):
+            return "has a config_class that is not a dataclass subclassing harness.types.FineTuneSettings"
+    if issubclass(cls, Benchmark):
+        subsets = getattr(cls, "subsets", None)
+        if not isinstance(subsets, tuple) or not subsets or not all(isinstance(x, str) for x in subsets):
+            return "needs `subsets`: a non-empty tuple of subset names"
+    return None
+
+
+def _call_declared(impl: Any, **available: Any) -> Any:
+    """Call a hook implementation with only the arguments it declares (as pluggy does), so a
+    hook that needs none of them may omit them."""
+    return impl.function(**{name: available[name] for name in impl.argnames if name in available})
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -268,7 +316,7 @@ class Plugins:
                 _s.append(self._entry(kind, cls, id, aliases, _p))
 
             try:
-                impl.function(register=register)
+                _call_declared(impl, register=register)
                 for entry in staged:
                     catalog.add(entry)
             except Exception as exc:  # noqa: BLE001 - plugins may raise anything
@@ -299,33 +347,36 @@ class Plugins:
             raise PluginError(f"{cls.__qualname__} has no id: set a class attribute `id`")
         if isinstance(aliases, str):
             aliases = (aliases,)
+        problem = _contract_problem(cls)
+        if problem:
+            raise PluginError(f"{cls.__qualname__} {problem}")
         return Entry(id=ident, cls=cls, plugin=plugin, aliases=tuple(aliases))
 
     # -- the typed facade ------------------------------------------------------------------
     @property
-    def reward_models(self) -> Catalog:
+    def reward_models(self) -> Catalog[RewardModel]:
         return self.catalogs["reward_models"]
 
     @property
-    def normalizers(self) -> Catalog:
+    def normalizers(self) -> Catalog[Normalizer]:
         return self.catalogs["normalizers"]
 
     @property
-    def prompt_generators(self) -> Catalog:
+    def prompt_generators(self) -> Catalog[PromptSetGenerator]:
         return self.catalogs["prompt_generators"]
 
     @property
-    def finetuners(self) -> Catalog:
+    def finetuners(self) -> Catalog[FineTuner]:
         return self.catalogs["finetuners"]
 
     @property
-    def benchmarks(self) -> Catalog:
+    def benchmarks(self) -> Catalog[Benchmark]:
         return self.catalogs["benchmarks"]
 
     def add_commands(self, cli: Any) -> None:
         for impl in self.pm.hook.register_commands.get_hookimpls():
             try:
-                impl.function(cli=cli)
+                _call_declared(impl, cli=cli)
             except Exception as exc:  # noqa: BLE001
                 self._fail(impl.plugin_name, "raised in register_commands", exc)
 

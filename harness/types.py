@@ -26,15 +26,16 @@ if TYPE_CHECKING:  # pandas and numpy are imported by the code that builds array
 def to_rgb(image: Any) -> Any:
     """A PIL image in any mode -> RGB, the way transformers' image processors convert it.
 
-    Transparent images (RGBA, LA, palette with transparency) are composited onto white, so an
-    RGBA file scores as it looks, not as its hidden colour channels; other modes go through
+    Transparent images (an alpha band, or a ``transparency`` entry: RGBA, LA, PA, palette or L
+    with a transparent colour) are composited onto white, so
+    an RGBA file scores as it looks, not as its hidden colour channels; other modes go through
     ``Image.convert("RGB")``.
     """
     from PIL import Image
 
-    if image.mode == "RGB":
+    if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -259,12 +260,15 @@ class Normalizer(ABC):
     def __call__(self, scores: Mapping[str, Any]) -> Any:
         """``{model: [N, 1 + C]}`` for the images of one prompt -> float64 ``[N]``."""
 
-    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray) -> np.ndarray | None:
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray) -> np.ndarray | None:
         """Optional fast path: ``{model: [P, N, K]}`` over ``P`` prompts -> float64 ``[P, N]``.
 
-        ``column_mask`` (bool ``[P, K]``) marks the columns each prompt really has (column 0
-        always); padded images hold arbitrary finite values and their outputs are ignored.
-        Return None (the default) to let the core call :meth:`__call__` prompt by prompt.
+        Prompts are padded to ``N`` images and ``K = 1 + C`` columns: ``column_mask`` (bool
+        ``[P, K]``) marks the columns each prompt really has (column 0 always) and ``image_mask``
+        (bool ``[P, N]``) its real images; padding holds finite filler and its outputs are
+        ignored. Must equal :meth:`__call__` prompt by prompt. Return None (the default) to let
+        the core call :meth:`__call__` prompt by prompt.
         """
         return None
 
@@ -366,7 +370,10 @@ class FineTuner(ABC):
         """
 
     def check_workers(self, config: FineTuneSettings, workers: int) -> None:
-        """Refuse a data-parallel run of ``workers`` workers this config cannot split (Ray Train)."""
+        """Refuse a data-parallel run of ``workers`` workers this config cannot split (Ray Train).
+
+        Default: any number of workers is fine."""
+        return None
 
 
 # -- benchmarks -------------------------------------------------------------------------------------
@@ -386,7 +393,6 @@ class BenchmarkData:
     contrastive: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  #: relative path -> sha256
     source: str = ""  #: where the annotations came from (a folder or a URL)
-    checksum_mismatches: list[str] = field(default_factory=list)  #: files that differ from the card
 
 
 class Benchmark(ABC):
@@ -420,6 +426,14 @@ class Benchmark(ABC):
     @abstractmethod
     def load(self, subsets: Sequence[str] | None = None) -> BenchmarkData:
         """Load annotations of ``subsets`` (all when ``None``)."""
+
+    def files_read(self) -> dict[str, str]:
+        """Every annotation file read so far (relative path -> sha256): the manifest records it."""
+        return {}
+
+    def mismatched_files(self) -> list[str]:
+        """Files read so far whose sha256 differs from the benchmark's card."""
+        return []
 
     def reported(self, subsets: Sequence[str] | None = None) -> pd.DataFrame:
         """Published per-prompt metrics: columns ``subset, method, prompt`` + metric names

@@ -1,23 +1,23 @@
 """TextNorm (Kim et al., ICLR 2024) and reward ensembles, as normalizers.
 
 A normalizer turns one prompt's raw scores into one calibrated score per image. Input:
-``{model_id: float [N, 1 + C]}`` for the ``N`` images of one prompt, column 0 the prompt itself
+``{model: float [N, 1 + C]}`` for the ``N`` images of one prompt, column 0 the prompt itself
 and columns ``1..C`` its contrastive prompts. Output: float64 ``[N]``.
 
 - ``textnorm``: the model's confidence that the image matches its prompt rather than a contrastive
   one, ``exp(s r(x, y)) / sum_{y' in {y} U C(y)} exp(s r(x, y'))``, in (0, 1]. ``s`` (``scale``) is
   per model: raw rewards live on different scales (CLIP cosine ~0.2-0.4, ImageReward ~N(0, 1)).
-  With ``standardize`` each model's raw scores are first mapped to ``(r - mean_m) / std_m`` using
-  label-free statistics over the whole benchmark subset, so one scale suits every model.
 - ``mean``: ``mean_m textnorm_m(x, y)`` over models.
-- ``ur`` (uncertainty-regularised): ``mean_m textnorm_m - lambda * std_m textnorm_m`` (population
+- ``ur`` (uncertainty-regularised): ``mean_m textnorm_m - lam * std_m textnorm_m`` (population
   standard deviation across models).
 - ``identity``: the raw score of the image's own prompt (one model).
 - ``zscore``: each model's own-prompt scores standardised over the prompt's images, averaged over
   models (an ensemble baseline without contrastive prompts).
 
-Scales and lambda are chosen by :mod:`harness.evaluation.calibration` (cross-validation over prompts by
-default, or per-prompt "oracle" tuning when asked for explicitly).
+Each normalizer's math exists once, in its vectorised :meth:`batched` form over ``P`` prompts
+(``[P, N, K]`` with a column mask); ``__call__`` on one prompt is the ``P = 1`` case. The
+hyperparameters (``scale`` per model, ``lam``) and their grids are declared on the classes; the
+leaderboard chooses them by cross-validation over prompts (:mod:`harness.evaluation.calibration`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,17 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
-from harness.types import Normalizer
+from harness.types import Hyperparameter, Normalizer
+
+SCALES: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+LAMBDAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-def _check(scores: Mapping[str, Any], need_contrastive: bool) -> dict[str, np.ndarray]:
+def _one_prompt(scores: Mapping[str, Any], need_contrastive: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``{model: [N, 1 + C]}`` -> ``{model: [1, N, 1 + C]}`` and an all-true ``[1, 1 + C]`` mask."""
     if not scores:
         raise HarnessError("a normalizer needs the scores of at least one reward model")
-    out = {}
+    out, width = {}, None
     for model, values in scores.items():
         arr = np.asarray(values, dtype=np.float64)
         if arr.ndim != 2:
@@ -45,112 +49,140 @@ def _check(scores: Mapping[str, Any], need_contrastive: bool) -> dict[str, np.nd
                 f"TextNorm needs contrastive prompts, but the scores of '{model}' have none "
                 "(a prompt set of size 0)"
             )
-        out[model] = arr
-    return out
+        if width is not None and arr.shape != next(iter(out.values())).shape[1:]:
+            raise HarnessError("every model's scores must have the same shape for one prompt")
+        width = arr.shape[1]
+        out[str(model)] = arr[None]
+    return out, np.ones((1, width), dtype=bool)
 
 
-def textnorm_confidence(raw: np.ndarray, scale: float) -> np.ndarray:
-    """``[N, 1 + C]`` raw scores -> ``[N]`` softmax probability of column 0 at temperature 1/scale."""
-    z = scale * raw
-    z = z - z.max(axis=1, keepdims=True)  # stable log-sum-exp
-    return np.exp(z[:, 0] - np.log(np.exp(z).sum(axis=1)))
+def stacked_shape(scores: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """``(P, N)`` of ``{model: [P, N, K]}``."""
+    return next(iter(scores.values())).shape[:2]
 
 
-def _per_model(value: float | Mapping[str, float], model: str, name: str) -> float:
-    if isinstance(value, Mapping):
-        if model not in value:
-            raise HarnessError(f"no {name} given for model '{model}'")
-        return float(value[model])
-    return float(value)
+def textnorm_confidence(raw: np.ndarray, column_mask: np.ndarray, scale: float) -> np.ndarray:
+    """``[P, N, K]`` raw scores -> ``[P, N]`` softmax probability of column 0 at temperature
+    ``1 / scale``, over the columns ``column_mask [P, K]`` marks (a stable log-sum-exp)."""
+    z = np.where(column_mask[:, None, :], scale * raw, -np.inf)
+    zmax = z.max(axis=2, keepdims=True)
+    lse = np.log(np.exp(z - zmax).sum(axis=2)) + zmax[:, :, 0]
+    return np.exp(z[:, :, 0] - lse)
 
 
-class TextNorm(Normalizer):
+class _Calibrated(Normalizer):
+    """Shared by TextNorm and its ensembles: each model's TextNorm confidence, then a reduction."""
+
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
+        Hyperparameter("scale", SCALES, per_model=True, default=1.0),
+    )
+    needs_contrastive: ClassVar[bool] = True
+
+    def confidences(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray) -> np.ndarray:
+        """``{model: [P, N, K]}`` -> ``[M, P, N]`` TextNorm confidences."""
+        if column_mask.shape[1] < 2 or not column_mask[:, 1:].any(axis=1).all():
+            raise HarnessError("TextNorm needs contrastive prompts, but a prompt has none")
+        return np.stack([textnorm_confidence(np.asarray(raw, dtype=np.float64), column_mask,
+                                             self.value("scale", m)) for m, raw in scores.items()])
+
+    def reduce(self, confidences: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray) -> np.ndarray:
+        return self.reduce(self.confidences(scores, column_mask))
+
+    def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
+        stacked, mask = _one_prompt(scores, need_contrastive=True)
+        return self.batched(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
+
+
+class TextNorm(_Calibrated):
     """Softmax confidence of the image's own prompt against its contrastive prompts (one model)."""
 
     id: ClassVar[str] = "textnorm"
+    max_models: ClassVar[int | None] = 1
 
-    def __init__(
-        self,
-        scale: float | Mapping[str, float] = 1.0,
-        standardize: Mapping[str, tuple[float, float]] | None = None,
-    ):
-        self.scale = scale
-        self.standardize = dict(standardize or {})
-
-    def calibrated(self, scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``{model: [N]}`` TextNorm confidence of every model."""
-        out = {}
-        for model, raw in _check(scores, need_contrastive=True).items():
-            if model in self.standardize:
-                mean, std = self.standardize[model]
-                raw = (raw - mean) / (std if std > 0 else 1.0)
-            out[model] = textnorm_confidence(raw, _per_model(self.scale, model, "scale"))
-        return out
-
-    def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
-        calibrated = self.calibrated(scores)
-        if len(calibrated) != 1:
+    def reduce(self, confidences: np.ndarray) -> np.ndarray:
+        if len(confidences) != 1:
             raise HarnessError(
-                f"textnorm takes one reward model, got {len(calibrated)}: use the 'mean' or 'ur' ensemble"
+                f"textnorm takes one reward model, got {len(confidences)}: use the 'mean' or 'ur' ensemble"
             )
-        return next(iter(calibrated.values()))
+        return confidences[0]
 
 
-class MeanEnsemble(TextNorm):
+class MeanEnsemble(_Calibrated):
     """Mean over models of their TextNorm confidences."""
 
     id: ClassVar[str] = "mean"
+    min_models: ClassVar[int] = 2
 
-    def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
-        return np.mean(np.stack(list(self.calibrated(scores).values())), axis=0)
+    def reduce(self, confidences: np.ndarray) -> np.ndarray:
+        return confidences.mean(axis=0)
 
 
-class UREnsemble(TextNorm):
+class UREnsemble(_Calibrated):
     """Mean minus ``lam`` times the standard deviation across models of TextNorm confidences."""
 
     id: ClassVar[str] = "ur"
+    min_models: ClassVar[int] = 2
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
+        *_Calibrated.hyperparameters,
+        Hyperparameter("lam", LAMBDAS, default=0.5),
+    )
 
-    def __init__(
-        self,
-        scale: float | Mapping[str, float] = 1.0,
-        lam: float = 0.5,
-        standardize: Mapping[str, tuple[float, float]] | None = None,
-    ):
-        super().__init__(scale=scale, standardize=standardize)
-        if lam < 0:
-            raise HarnessError(f"lambda must be >= 0, got {lam}")
-        self.lam = lam
+    def __init__(self, **values: Any):
+        super().__init__(**values)
+        if self.value("lam") < 0:
+            raise HarnessError(f"lambda must be >= 0, got {self.value('lam')}")
 
-    def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
-        stacked = np.stack(list(self.calibrated(scores).values()))
-        return stacked.mean(axis=0) - self.lam * stacked.std(axis=0)
+    def reduce(self, confidences: np.ndarray) -> np.ndarray:
+        return confidences.mean(axis=0) - self.value("lam") * confidences.std(axis=0)
 
 
 class Identity(Normalizer):
     """The raw score of the image's own prompt (column 0), for one model."""
 
     id: ClassVar[str] = "identity"
+    max_models: ClassVar[int | None] = 1
 
-    def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
-        checked = _check(scores, need_contrastive=False)
-        if len(checked) != 1:
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray) -> np.ndarray:
+        if len(scores) != 1:
             raise HarnessError("identity takes one reward model (raw scores of several models "
                                "are on different scales): use 'zscore' to combine them")
-        return next(iter(checked.values()))[:, 0].copy()
+        return np.asarray(next(iter(scores.values())), dtype=np.float64)[:, :, 0].copy()
+
+    def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
+        stacked, mask = _one_prompt(scores, need_contrastive=False)
+        return self.batched(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
 
 
 class ZScore(Normalizer):
-    """Own-prompt scores standardised over the prompt's images, averaged over models."""
+    """Own-prompt scores standardised over the prompt's images, averaged over models.
+
+    Needs the images of one prompt together (``min_images = 2``): on one image it is 0.
+    """
 
     id: ClassVar[str] = "zscore"
+    min_images: ClassVar[int] = 2
+
+    @staticmethod
+    def standardize(own: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
+        """``[P, N]`` scores -> per-prompt z-scores over the images ``image_mask`` marks."""
+        n = image_mask.sum(-1, keepdims=True)
+        mean = np.where(image_mask, own, 0).sum(-1, keepdims=True) / np.maximum(n, 1)
+        std = np.sqrt(np.where(image_mask, (own - mean) ** 2, 0).sum(-1, keepdims=True) / np.maximum(n, 1))
+        return np.where(std > 0, (own - mean) / np.where(std > 0, std, 1), 0.0)
+
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray) -> np.ndarray:
+        own = [np.asarray(raw, dtype=np.float64)[:, :, 0] for raw in scores.values()]
+        return np.mean(np.stack([self.standardize(o, image_mask) for o in own]), axis=0)
 
     def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
-        out = []
-        for raw in _check(scores, need_contrastive=False).values():
-            own = raw[:, 0]
-            std = own.std()
-            out.append((own - own.mean()) / std if std > 0 else np.zeros_like(own))
-        return np.mean(np.stack(out), axis=0)
+        stacked, mask = _one_prompt(scores, need_contrastive=False)
+        return self.batched(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
 
 
 @hookimpl

@@ -7,13 +7,33 @@ import sys
 
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from test_tia2 import PAPER_AUROC
 
-from harness.evaluation.leaderboard import ROW_KEYS, leaderboard
+from harness.evaluation.config import LeaderboardConfig
+from harness.evaluation.leaderboard import ROW_KEYS, run_leaderboard
 from harness.evaluation.metrics import METRICS
 
 
-def harness(*args, cwd=None):
+class Result:
+    """What a test reads of a command run: exit status and the two streams."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def harness(*args):
+    """Run a command in-process with click's CliRunner (fast; the suite's default)."""
+    from harness.cli import cli
+
+    out = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    if out.exception is not None and not isinstance(out.exception, SystemExit):
+        raise out.exception
+    return Result(out.exit_code, out.stdout, out.stderr)
+
+
+def harness_process(*args, cwd=None):
+    """Run the real ``python -m harness.cli`` process (for what only a process shows)."""
     return subprocess.run(
         [sys.executable, "-m", "harness.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=300, env=os.environ.copy(),
@@ -27,6 +47,13 @@ def one_line_error(result, pattern):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: ")
     assert pattern in lines[0], lines[0]
+
+
+def leaderboard(subsets=(), bootstrap=1000, seed=0, confidence=0.95, **data):
+    config = LeaderboardConfig.from_dict({
+        "data": {"benchmark": "tia2", "subsets": list(subsets), **data},
+        "report": {"bootstrap": bootstrap, "seed": seed, "confidence": confidence}})
+    return run_leaderboard(config)
 
 
 def digest_tree(root):
@@ -71,7 +98,8 @@ def test_leaderboard_end_to_end(full_run, tia2_dir):
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 0
-    assert manifest["config"]["bootstrap"] == 300
+    assert manifest["config"] == LeaderboardConfig.from_dict(
+        {"data": {"data": str(tia2_dir)}, "report": {"bootstrap": 300}}).asdict()
     assert "numpy" in manifest["packages"] and manifest["harness_version"]
     assert manifest["plugins"][0]["name"] == "harness_plugins.tia2"
     files = manifest["data"]["files"]
@@ -86,7 +114,7 @@ def test_leaderboard_end_to_end(full_run, tia2_dir):
 
 def test_python_api_matches_cli(full_run, tia2_dir):
     out, _ = full_run
-    frame = leaderboard("tia2", data=tia2_dir, n_boot=300)
+    frame = leaderboard(data=str(tia2_dir), bootstrap=300).rows
     assert isinstance(frame, pd.DataFrame)
     cli_rows = json.loads((out / "leaderboard.json").read_text())
     assert len(frame) == len(cli_rows)
@@ -97,9 +125,9 @@ def test_python_api_matches_cli(full_run, tia2_dir):
 
 
 def test_seeded_and_reproducible(tia2_dir):
-    a = leaderboard("tia2", data=tia2_dir, subsets=["counting"], n_boot=200, seed=1)
-    b = leaderboard("tia2", data=tia2_dir, subsets=["counting"], n_boot=200, seed=1)
-    c = leaderboard("tia2", data=tia2_dir, subsets=["counting"], n_boot=200, seed=2)
+    a = leaderboard(["counting"], data=str(tia2_dir), bootstrap=200, seed=1).rows
+    b = leaderboard(["counting"], data=str(tia2_dir), bootstrap=200, seed=1).rows
+    c = leaderboard(["counting"], data=str(tia2_dir), bootstrap=200, seed=2).rows
     assert a["auroc_ci"].tolist() == b["auroc_ci"].tolist()
     assert a["auroc_ci"].tolist() != c["auroc_ci"].tolist()
     assert a["auroc"].tolist() == c["auroc"].tolist()
@@ -116,7 +144,8 @@ def test_report_rerenders(full_run, tmp_path):
 
 
 def test_bad_data_folder(tmp_path):
-    one_line_error(harness("leaderboard", "tia2", "--data", tmp_path / "nope", "--out", tmp_path / "o"),
+    # A real process: exit status 2, one line on stderr, no traceback.
+    one_line_error(harness_process("leaderboard", "tia2", "--data", tmp_path / "nope", "--out", tmp_path / "o"),
                    "does not exist")
     assert not (tmp_path / "o").exists()
 
@@ -124,7 +153,7 @@ def test_bad_data_folder(tmp_path):
 def test_unknown_subset_and_benchmark(tia2_dir, tmp_path):
     one_line_error(harness("leaderboard", "tia2", "--data", tia2_dir, "--subset", "countng",
                            "--out", tmp_path / "o"), "Did you mean 'counting'?")
-    one_line_error(harness("leaderboard", "tia3", "--data", tia2_dir, "--out", tmp_path / "o"),
+    one_line_error(harness_process("leaderboard", "tia3", "--data", tia2_dir, "--out", tmp_path / "o"),
                    "Unknown benchmark 'tia3'. Did you mean 'tia2'?")
 
 
@@ -170,3 +199,49 @@ def test_bad_options(tia2_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     one_line_error(harness("leaderboard", "tia2", "--data", tia2_dir, "--subset", "counting",
                            "--out", tmp_path / "file"), "is not a folder")
+
+
+def test_confidence_level_is_printed_as_given_and_report_reproduces_the_run(tia2_dir, tmp_path):
+    out = tmp_path / "run"
+    result = harness("leaderboard", "tia2", "--data", tia2_dir, "--subset", "counting",
+                     "--bootstrap", 100, "--confidence", 0.8, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "80% bootstrap intervals" in result.stdout and "95%" not in result.stdout
+    md = (out / "leaderboard.md").read_text()
+    html = (out / "leaderboard.html").read_text()
+    assert "80% percentile-bootstrap" in md and "95%" not in md
+    assert "80% percentile-bootstrap" in html and "95%" not in html
+    assert md.startswith("# tia2 leaderboard") and "oracle-tuned" in md
+    before = {name: (out / name).read_text() for name in ("leaderboard.md", "leaderboard.html")}
+    for name in before:
+        (out / name).unlink()
+    again = harness("report", out, "--no-plots")
+    assert again.returncode == 0, again.stderr
+    assert {name: (out / name).read_text() for name in before} == before
+    assert "80% bootstrap intervals" in again.stdout
+
+
+def test_yaml_config_and_flag_overrides(tia2_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  data: {tia2_dir}\n  subsets: [counting]\nreport:\n  bootstrap: 50\n"
+                      "  confidence: 0.9\n  plots: false\n")
+    out = tmp_path / "run"
+    result = harness("leaderboard", "--config", config, "--confidence", 0.8, "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["data"]["subsets"] == ["counting"]
+    assert manifest["config"]["report"] == {"bootstrap": 50, "confidence": 0.8, "seed": 0, "plots": False}
+    rows = json.loads((out / "leaderboard.json").read_text())
+    assert {r["subset"] for r in rows} == {"counting"}
+    assert not (out / "plots").exists()
+    # Library errors name the parameter; the command names the flag or the file's key.
+    config.write_text("report:\n  bootstrap: many\n")
+    one_line_error(harness("leaderboard", "--config", config, "--out", tmp_path / "o"),
+                   f"report.bootstrap in {config} must be an integer, got 'many'")
+    one_line_error(harness("leaderboard", "--config", config, "--bootstrap", -3, "--out", tmp_path / "o"),
+                   "--bootstrap must be >= 0, got -3")
+    config.write_text("scoring:\n  modles: [clip]\n")
+    one_line_error(harness("leaderboard", "--config", config, "--out", tmp_path / "o"),
+                   f"scoring.modles in {config} is not a setting. Did you mean 'models'?")
+    with pytest.raises(Exception, match="report.bootstrap must be >= 0"):
+        LeaderboardConfig.from_dict({"report": {"bootstrap": -1}})

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.evaluation.calibration import ContrastiveScores, calibrate, make_folds, textnorm_tensor
+from harness.evaluation.calibration import ContrastiveScores, calibrate, make_folds
+from harness_plugins.textnorm import textnorm_confidence as textnorm_tensor
 from harness.errors import HarnessError
 from harness.evaluation.metrics import prompt_metrics
 from harness.plugins import get_plugins
@@ -27,9 +28,11 @@ def test_textnorm_by_hand():
     out = normalizer("textnorm", scale=10.0)({"clip": RAW_A})
     assert out == pytest.approx(by_hand(RAW_A, 10.0), abs=1e-12)
     assert out[0] == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(2) + math.exp(2.5)))
-    # Per-model scales and standardisation.
-    tn = normalizer("textnorm", scale={"ir": 2.0}, standardize={"ir": (1.0, 2.0)})
-    assert tn({"ir": RAW_B}) == pytest.approx(by_hand((RAW_B - 1.0) / 2.0, 2.0), abs=1e-12)
+    # Per-model scales.
+    tn = normalizer("textnorm", scale={"ir": 2.0})
+    assert tn({"ir": RAW_B}) == pytest.approx(by_hand(RAW_B, 2.0), abs=1e-12)
+    with pytest.raises(HarnessError, match="no scale given for model 'clip'"):
+        tn({"clip": RAW_A})
 
 
 def test_ensembles_by_hand():
@@ -168,9 +171,11 @@ def test_leaderboard_calibration_drops_images_a_model_could_not_score():
     scores = frame.rename(columns={"model": "method"}).drop(columns=["binary", "graded"])
     scores["text"] = ""
     gone = (scores.method == "b") & (scores.prompt == "p0") & (scores.image == "i3")
-    parts, record = _calibrated_rows(scores[~gone], labels, ["a", "b"], ["textnorm"], ["ur"],
-                                     prompt_sets="x", selection="cv", folds=3, seed=0, metric="auroc",
-                                     standardize=False)
+    from harness.evaluation.config import CalibrationSection
+
+    jobs = [("textnorm", ["a"]), ("textnorm", ["b"]), ("ur", ["a", "b"])]
+    parts, record = _calibrated_rows(scores[~gone], labels, ["a", "b"], jobs,
+                                     CalibrationSection(prompts="x", folds=3), seed=0)
     rows = pd.concat(parts)
     p0 = rows[(rows.prompt == "p0")]
     assert set(p0["n_images"]) == {7}  # i3 left out for every model, once per image

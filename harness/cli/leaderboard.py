@@ -1,15 +1,55 @@
-"""``harness leaderboard``: reward models against a benchmark's human labels."""
+"""``harness leaderboard``: reward models against a benchmark's human labels.
+
+Flags (or a YAML ``--config``, flags given explicitly overriding it) become a
+:class:`~harness.evaluation.config.LeaderboardConfig`; the library computes the result and this
+command writes the run folder and prints the tables. Library errors name parameters
+(``report.bootstrap``); here they name the flag (``--bootstrap``).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from harness.cli.options import model_options, print_comparisons, print_failures, ray_options
+from harness.cli.options import model_options, print_failures
 from harness.cli.root import cli
+from harness.errors import HarnessError
+
+#: config parameter -> (click parameter name, flag shown in errors)
+FLAGS: dict[str, tuple[str, str]] = {
+    "data.benchmark": ("benchmark", "BENCHMARK"),
+    "data.data": ("data", "--data"),
+    "data.subsets": ("subsets", "--subset"),
+    "data.images": ("images", "--images"),
+    "data.skip_missing": ("skip_missing", "--skip-missing"),
+    "scoring.models": ("models", "--model"),
+    "scoring.device": ("device", "--device"),
+    "scoring.dtype": ("dtype", "--dtype"),
+    "scoring.batch_size": ("batch_size", "--batch-size"),
+    "scoring.workers": ("workers", "--workers"),
+    "scoring.executor": ("executor", "--executor"),
+    "scoring.address": ("address", "--address"),
+    "scoring.actors": ("actors", "--actors"),
+    "scoring.gpus_per_actor": ("gpus_per_actor", "--gpus-per-actor"),
+    "scoring.cache": ("cache", "--cache"),
+    "calibration.normalizers": ("normalizers", "--normalizer"),
+    "calibration.ensembles": ("ensembles", "--ensemble"),
+    "calibration.prompts": ("prompt_sets", "--prompts"),
+    "calibration.selection": ("oracle", "--oracle"),
+    "calibration.folds": ("folds", "--folds"),
+    "calibration.select_metric": ("select_metric", "--select-metric"),
+    "calibration.standardize": ("standardize", "--standardize"),
+    "calibration.prompt_options": ("llm_model", "--llm-model/--llm-base-url"),
+    "report.bootstrap": ("n_boot", "--bootstrap"),
+    "report.confidence": ("confidence", "--confidence"),
+    "report.seed": ("seed", "--seed"),
+    "report.plots": ("no_plots", "--no-plots"),
+}
 
 
 def _default_out(benchmark: str) -> Path:
@@ -17,8 +57,83 @@ def _default_out(benchmark: str) -> Path:
     return Path("runs") / f"{benchmark}-{stamp}"
 
 
+def config_from_flags(ctx: click.Context, p: dict[str, Any]) -> Any:
+    """A LeaderboardConfig from the flags; with ``--config``, only flags given explicitly
+    replace the file's values."""
+    from click.core import ParameterSource
+
+    from harness.evaluation.config import LeaderboardConfig
+
+    cache: Any = False if p["no_cache"] else (str(p["cache"]) if p["cache"] is not None else True)
+    prompt_options = {k: v for k, v in {"model": p["llm_model"], "base_url": p["llm_base_url"]}.items() if v}
+    values = {
+        "data": {"benchmark": p["benchmark"], "data": _str(p["data"]), "subsets": list(p["subsets"]),
+                 "images": _str(p["images"]), "skip_missing": p["skip_missing"]},
+        "scoring": {"models": list(p["models"]), "device": p["device"], "dtype": p["dtype"],
+                    "batch_size": p["batch_size"], "workers": p["workers"], "cache": cache,
+                    "executor": p["executor"], "address": p["address"], "actors": p["actors"],
+                    "gpus_per_actor": p["gpus_per_actor"]},
+        "calibration": {"normalizers": list(p["normalizers"]), "ensembles": list(p["ensembles"]),
+                        "prompts": p["prompt_sets"], "prompt_options": prompt_options,
+                        "selection": "oracle" if p["oracle"] else "cv", "folds": p["folds"],
+                        "select_metric": p["select_metric"], "standardize": p["standardize"]},
+        "report": {"bootstrap": p["n_boot"], "confidence": p["confidence"], "seed": p["seed"],
+                   "plots": not p["no_plots"]},
+    }
+    if p["config_path"] is None:
+        return LeaderboardConfig.from_dict(values)
+
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for param, (name, _) in FLAGS.items():
+        group, key = param.split(".")
+        if given(name) or (key == "cache" and given("no_cache")) or (key == "prompt_options" and given("llm_base_url")):
+            overrides.setdefault(group, {})[key] = values[group][key]
+    return LeaderboardConfig.from_yaml(p["config_path"], overrides)
+
+
+def _culprit(ctx: click.Context, param: str, config_path: Path | None) -> str:
+    """The flag behind a config parameter, or its key in the --config file if no flag set it."""
+    from click.core import ParameterSource
+
+    name, flag = FLAGS.get(param, (None, param))
+    if config_path is not None and name is not None:
+        source = ctx.get_parameter_source(name)
+        if source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            return f"{param} in {config_path}"
+    if config_path is not None and name is None:
+        return f"{param} in {config_path}"
+    return flag
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _print_comparisons(comparisons: Any, confidence: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.evaluation.report import level
+
+    ci = f"{level(confidence)} CI"
+    table = Table(title="scored vs reported (paired bootstrap over prompts, AUROC)",
+                  title_justify="left", header_style="bold")
+    for col in ("subset", "method", "against", "n", "diff", ci, "p"):
+        table.add_column(col, justify="right" if col in {"n", "diff", ci, "p"} else "left")
+    for _, r in comparisons[comparisons["metric"] == "auroc"].iterrows():
+        table.add_row(r["subset"], r["method"], r["against"], str(r["n_prompts"]), f"{r['diff']:+.4f}",
+                      f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_value']:.3f}")
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+
+
 @cli.command("leaderboard")
 @click.argument("benchmark", default="tia2")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="YAML file with groups data, scoring, calibration, report (flags override it).")
 @click.option("--data", type=click.Path(path_type=Path), help="Annotation folder (default: download into the cache).")
 @click.option("--images", type=click.Path(path_type=Path), help="Image folder: DIR/<subset>/<file>.")
 @click.option("--skip-missing", is_flag=True, help="Score the images that exist; report how many were skipped.")
@@ -31,53 +146,44 @@ def _default_out(benchmark: str) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print leaderboard.json to stdout instead of tables.")
 @model_options
 @click.option("--normalizer", "normalizers", multiple=True,
-              help="Per-model normalizer: textnorm, identity, or zscore (repeatable).")
-@click.option("--ensemble", "ensembles", multiple=True, help="Ensemble over all --model: mean, ur, zscore.")
-@click.option("--prompts", "prompt_sets", default="tia2", show_default=True,
-              help="Contrastive prompts: tia2, rules, llm, or a JSON file {prompt: [prompts]}.")
+              help="Normalizer applied to each --model alone: textnorm, identity, zscore, or a "
+                   "plugin's (repeatable).")
+@click.option("--ensemble", "ensembles", multiple=True,
+              help="Normalizer over all --model together: mean, ur, zscore, or a plugin's (repeatable).")
+@click.option("--prompts", "prompt_sets", default="benchmark", show_default=True,
+              help="Contrastive prompts: benchmark (the sets it ships), a generator (rules, llm, "
+                   "tia2, ...) or a JSON file {prompt: [prompts]}.")
 @click.option("--oracle", is_flag=True,
-              help="Tune TextNorm per prompt against its labels (rows labelled 'oracle').")
+              help="Tune hyperparameters per prompt against its labels (rows labelled 'oracle').")
 @click.option("--folds", default=5, show_default=True, help="Cross-validation folds over prompts.")
 @click.option("--select-metric", default="auroc", show_default=True, help="Metric that hyperparameters maximise.")
-@click.option("--standardize", is_flag=True, help="Standardise each model's raw scores before TextNorm.")
+@click.option("--standardize", is_flag=True, help="Standardise each model's raw scores before normalizing.")
 @click.option("--llm-model", default=None, help="Chat model for --prompts llm.")
 @click.option("--llm-base-url", default=None, help="OpenAI-compatible server for --prompts llm.")
-def leaderboard_command(
-    benchmark: str, data: Path | None, images: Path | None, skip_missing: bool,
-    subsets: tuple[str, ...], out: Path | None, seed: int, n_boot: int, confidence: float,
-    no_plots: bool, as_json: bool, models: tuple[str, ...], device: str | None, dtype: str,
-    batch_size: int, workers: int, cache: Path | None, no_cache: bool, executor: str,
-    address: str | None, actors: int, gpus_per_actor: float | None, normalizers: tuple[str, ...], ensembles: tuple[str, ...], prompt_sets: str, oracle: bool,
-    folds: int, select_metric: str, standardize: bool, llm_model: str | None,
-    llm_base_url: str | None,
-) -> None:
+@click.pass_context
+def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, **params: Any) -> None:
     """Evaluate reward models on BENCHMARK (default tia2) and write a run folder.
 
     Without --model: the paper's reported rows and the human-agreement row. With --model (and
     --images): each model scores every image against its prompt and gets a "scored" row.
     """
+    from harness.evaluation.config import ConfigError
     from harness.evaluation.leaderboard import run_leaderboard
-    from harness.evaluation.report import render_terminal, rows_as_records
+    from harness.evaluation.report import render_terminal, rows_as_records, write_run
 
-    result = run_leaderboard(
-        benchmark, data=data, subsets=list(subsets) or None, images=images,
-        skip_missing=skip_missing, n_boot=n_boot, seed=seed, confidence=confidence,
-        out=out or _default_out(benchmark), plots=not no_plots, models=models, device=device,
-        dtype=dtype, batch_size=batch_size, num_workers=workers,
-        cache=False if no_cache else (cache or True), progress=not as_json,
-        normalizers=normalizers, ensembles=ensembles, prompt_sets=prompt_sets,
-        prompt_options={k: v for k, v in {"model": llm_model, "base_url": llm_base_url}.items() if v},
-        selection="oracle" if oracle else "cv", folds=folds, select_metric=select_metric,
-        standardize=standardize, executor=executor,
-        ray_options=ray_options(executor, address, actors, gpus_per_actor),
-    )
+    try:
+        config = config_from_flags(ctx, params)
+        result = run_leaderboard(config, progress=not as_json)
+    except ConfigError as exc:
+        raise HarnessError(f"{_culprit(ctx, exc.param, params['config_path'])} {exc.problem}") from exc
+    run_dir = write_run(out or _default_out(config.data.benchmark), result, plots=config.report.plots)
     if as_json:
         click.echo(json.dumps(rows_as_records(result.rows), indent=2))
     else:
-        render_terminal(result.rows, notes=result.notes)
+        render_terminal(result.rows, notes=result.notes, confidence=result.confidence)
         if result.comparisons is not None and not result.comparisons.empty:
-            print_comparisons(result.comparisons)
+            _print_comparisons(result.comparisons, result.confidence)
     print_failures(result.failed_images)
     if result.missing_images:
         click.echo(f"Skipped {len(result.missing_images)} missing images.", err=True)
-    click.echo(f"Wrote {result.run_dir}", err=True)
+    click.echo(f"Wrote {run_dir}", err=True)

@@ -1,4 +1,9 @@
-"""Choosing TextNorm's scales and the UR ensemble's lambda without peeking at test labels.
+"""Calibration over any normalizer: its declared hyperparameters chosen without test labels.
+
+Works for every registered :class:`~harness.types.Normalizer` through its contract alone: the
+hyperparameters and grids it declares (TextNorm's per-model ``scale``, the UR ensemble's ``lam``;
+none for ``identity`` and ``zscore``), and its ``batched`` fast path or, without one, its
+per-prompt ``__call__``.
 
 Scores are held as padded tensors over the prompts of one benchmark subset
 (:class:`ContrastiveScores`): for each model ``[P, N, 1 + C]`` raw scores (prompt ``p``, image
@@ -10,8 +15,8 @@ Selection (:func:`calibrate`):
 - ``cv`` (default): k-fold cross-validation over prompts. For each fold, the hyperparameters that
   maximise the mean selection metric (AUROC by default) over the *other* folds' prompts are used
   to score the fold's own prompts; every prompt is therefore scored with values chosen without its
-  labels. A scale is chosen per model (each model's own TextNorm), then lambda for ``ur`` given
-  those scales.
+  labels. Per-model hyperparameters are chosen per model (each model alone: its own TextNorm
+  scale), then the shared ones (``lam`` for ``ur``) given those.
 - ``oracle``: per prompt, the best grid point against that prompt's own labels, which is what the
   released per-prompt TextNorm values appear to do. Rows tuned this way are labelled "oracle".
 
@@ -20,6 +25,7 @@ The chosen values of every fold are returned for the run manifest.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +35,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.evaluation.metrics import METRICS, batch_prompt_metrics
-
-SCALES: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-LAMBDAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
-METHODS = ("textnorm", "mean", "ur", "identity", "zscore")
+from harness.types import Hyperparameter, Normalizer
 
 
 @dataclass
@@ -104,14 +107,6 @@ class ContrastiveScores:
         return {m: (float(a[valid].mean()), float(a[valid].std()) or 1.0) for m, a in self.raw.items()}
 
 
-def textnorm_tensor(raw: np.ndarray, column_mask: np.ndarray, scale: float) -> np.ndarray:
-    """``[P, N, K]`` raw scores -> ``[P, N]`` TextNorm confidence (masked softmax, column 0)."""
-    z = np.where(column_mask[:, None, :], scale * raw, -np.inf)
-    zmax = z.max(axis=2, keepdims=True)
-    lse = np.log(np.exp(z - zmax).sum(axis=2)) + zmax[:, :, 0]
-    return np.exp(z[:, :, 0] - lse)
-
-
 def _metrics(data: ContrastiveScores, scores: np.ndarray) -> np.ndarray:
     """``[P, N]`` scores -> ``[P, 7]`` metrics (METRICS order)."""
     safe = np.where(data.image_mask, scores, 0.0)
@@ -167,104 +162,148 @@ def _selection_index(metric: str) -> int:
     return METRICS.index(metric)
 
 
+def normalize(normalizer: Normalizer, data: ContrastiveScores, models: Sequence[str]) -> np.ndarray:
+    """Apply ``normalizer`` to every prompt of ``data`` -> float64 ``[P, N]`` (padding: 0).
+
+    Uses the normalizer's :meth:`~harness.types.Normalizer.batched` fast path when it has one,
+    else calls it once per prompt with that prompt's real images and columns, as the contract
+    says. A wrong shape or a non-finite value is an error naming the normalizer.
+    """
+    scores = {m: data.raw[m] for m in models}
+    P, N = data.image_mask.shape
+    out = normalizer.batched(scores, data.column_mask, data.image_mask)
+    if out is None:
+        out = np.zeros((P, N))
+        for p in range(P):
+            rows, cols = data.image_mask[p], data.column_mask[p]
+            value = np.asarray(normalizer({m: s[p][rows][:, cols] for m, s in scores.items()}),
+                               dtype=np.float64)
+            if value.shape != (int(rows.sum()),):
+                raise HarnessError(
+                    f"normalizer '{normalizer.id}' returned shape {value.shape} for "
+                    f"{int(rows.sum())} images of prompt {data.prompts[p]!r}; expected [N]"
+                )
+            out[p, rows] = value
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape != (P, N):
+        raise HarnessError(f"normalizer '{normalizer.id}' returned shape {out.shape} from its "
+                           f"batched path; expected {(P, N)}")
+    bad = data.image_mask & ~np.isfinite(out)
+    if bad.any():
+        p, i = (int(x[0]) for x in np.nonzero(bad))
+        raise HarnessError(
+            f"normalizer '{normalizer.id}' gave a non-finite value ({out[p, i]}) for image "
+            f"{data.images[p][i] if data.images else i} of prompt {data.prompts[p]!r}"
+        )
+    return np.where(data.image_mask, out, 0.0)
+
+
+def model_count(normalizer: type[Normalizer]) -> str:
+    """"one reward model", "at least 2 reward models", "2 to 4 reward models"."""
+    lo, hi = normalizer.min_models, normalizer.max_models
+    if hi == lo:
+        return "one reward model" if lo == 1 else f"{lo} reward models"
+    if hi is None:
+        return f"at least {lo} reward models"
+    return f"{lo} to {hi} reward models"
+
+
+def _grid(hypers: Sequence[Hyperparameter]) -> list[dict[str, float]]:
+    """The Cartesian product of the grids, in declaration order (the first varies slowest)."""
+    return [dict(zip([h.name for h in hypers], values, strict=True))
+            for values in itertools.product(*(h.grid for h in hypers))]
+
+
 def calibrate(
     data: ContrastiveScores,
-    method: str,
+    normalizer: type[Normalizer] | str,
     models: Sequence[str],
     *,
     selection: str = "cv",
     k: int = 5,
     seed: int = 0,
     metric: str = "auroc",
-    scales: Sequence[float] = SCALES,
-    lambdas: Sequence[float] = LAMBDAS,
 ) -> Calibrated:
-    """Score ``data`` with a normalizer, choosing its hyperparameters by ``selection``.
+    """Score ``data`` with a normalizer, choosing its declared hyperparameters by ``selection``.
 
-    :param method: ``textnorm`` (one model), ``mean``, ``ur``, ``identity`` (one model), ``zscore``.
+    - No hyperparameters: applied as is (``fixed``).
+    - ``cv``: per fold, each per-model hyperparameter is chosen for each model on the training
+      prompts by running the normalizer on that model alone; then the shared ones, with those
+      fixed; the fold's own prompts are scored with the chosen values.
+    - ``oracle``: per prompt, the grid point (per-model values tied across models) that is best
+      against that prompt's own labels.
+
+    :param normalizer: a :class:`~harness.types.Normalizer` class, or a registered id.
     :param selection: ``cv`` (k-fold over prompts) or ``oracle`` (per prompt, against its labels).
     """
-    if method not in METHODS:
-        raise HarnessError(f"unknown normalizer '{method}'; choose one of {', '.join(METHODS)}")
     if selection not in ("cv", "oracle"):
         raise HarnessError(f"unknown hyperparameter selection '{selection}' (cv or oracle)")
+    if isinstance(normalizer, str):
+        from harness.plugins import get_plugins
+
+        normalizer = get_plugins().normalizers.get(normalizer)
     models = list(models)
+    if len(models) < normalizer.min_models or (
+            normalizer.max_models is not None and len(models) > normalizer.max_models):
+        raise HarnessError(f"{normalizer.id} takes {model_count(normalizer)}, got {len(models)}")
     missing = [m for m in models if m not in data.raw]
     if missing:
         raise HarnessError(f"no scores for model(s) {', '.join(missing)}")
-    if method in ("textnorm", "identity") and len(models) != 1:
-        raise HarnessError(f"{method} takes one reward model, got {len(models)}")
-    if method in ("textnorm", "mean", "ur") and data.column_mask.shape[1] < 2:
-        raise HarnessError("TextNorm needs contrastive prompts, but no prompt has any")
-    no_set = ~data.column_mask[:, 1:].any(axis=1)
-    if method in ("textnorm", "mean", "ur") and no_set.any():
-        bad = data.prompts[int(np.flatnonzero(no_set)[0])]
-        raise HarnessError(f"prompt {bad!r} has no contrastive prompts: TextNorm is undefined for it")
+    name = normalizer.id
+    if normalizer.needs_contrastive:
+        if data.column_mask.shape[1] < 2:
+            raise HarnessError(f"{name} needs contrastive prompts, but no prompt has any")
+        no_set = ~data.column_mask[:, 1:].any(axis=1)
+        if no_set.any():
+            bad = data.prompts[int(np.flatnonzero(no_set)[0])]
+            raise HarnessError(f"prompt {bad!r} has no contrastive prompts: {name} is undefined for it")
     sel = _selection_index(metric)
     frame = lambda values: pd.DataFrame(values, columns=list(METRICS)).assign(prompt=data.prompts)  # noqa: E731
+    hypers = normalizer.hyperparameters
 
-    if method in ("identity", "zscore"):
-        own = np.stack([data.raw[m][:, :, 0] for m in models])  # [M, P, N]
-        if method == "zscore":
-            mask = data.image_mask[None]
-            n = mask.sum(-1, keepdims=True)
-            mean = np.where(mask, own, 0).sum(-1, keepdims=True) / n
-            std = np.sqrt(np.where(mask, (own - mean) ** 2, 0).sum(-1, keepdims=True) / n)
-            own = np.where(std > 0, (own - mean) / np.where(std > 0, std, 1), 0.0)
-        values = _metrics(data, own.mean(0))
-        return Calibrated(method, models, frame(values), "fixed", [])
+    def evaluate(values: Mapping[str, Any], on: Sequence[str]) -> np.ndarray:
+        return _metrics(data, normalize(normalizer(**values), data, on))
 
-    # Per-model TextNorm confidence and metrics for every scale: [S, P, N] and [S, P, 7].
-    conf = {m: np.stack([textnorm_tensor(data.raw[m], data.column_mask, s) for s in scales]) for m in models}
-    single = {m: np.stack([_metrics(data, c) for c in conf[m]]) for m in models}
-
-    def combine(scale_idx: Mapping[str, int], lam: float) -> np.ndarray:
-        stacked = np.stack([conf[m][scale_idx[m]] for m in models])
-        if method == "mean":
-            return stacked.mean(0)
-        return stacked.mean(0) - lam * stacked.std(0)
-
-    lam_grid = list(lambdas) if method == "ur" else [0.0]
+    if not hypers:
+        return Calibrated(name, models, frame(evaluate({}, models)), "fixed", [])
 
     if selection == "oracle":
-        if method == "textnorm":
-            m = models[0]
-            best = np.nanargmax(np.nan_to_num(single[m][:, :, sel], nan=-np.inf), axis=0)  # [P]
-            values = single[m][best, np.arange(len(data.prompts))]
-            chosen = [{"prompt": p, "scale": scales[b]} for p, b in zip(data.prompts, best, strict=True)]
-            return Calibrated(method, models, frame(values), "oracle", chosen)
-        # Ensembles: one shared scale for all models (the released rows carry one per prompt).
-        grid = [(s, lam) for s in range(len(scales)) for lam in lam_grid]
-        table = np.stack([_metrics(data, combine(dict.fromkeys(models, s), lam)) for s, lam in grid])
+        grid = _grid(hypers)
+        table = np.stack([evaluate(point, models) for point in grid])  # [G, P, 7]
         best = np.nanargmax(np.nan_to_num(table[:, :, sel], nan=-np.inf), axis=0)
         values = table[best, np.arange(len(data.prompts))]
-        chosen = []
-        for p, b in zip(data.prompts, best, strict=True):
-            entry = {"prompt": p, "scale": scales[grid[b][0]]}
-            if method == "ur":
-                entry["lambda"] = grid[b][1]
-            chosen.append(entry)
-        return Calibrated(method, models, frame(values), "oracle", chosen)
+        chosen = [{"prompt": p, **grid[b]} for p, b in zip(data.prompts, best, strict=True)]
+        return Calibrated(name, models, frame(values), "oracle", chosen)
 
+    per_model = [h for h in hypers if h.per_model]
+    shared = [h for h in hypers if not h.per_model]
+    shared_defaults = {h.name: h.default_value for h in shared}
+    model_grid = _grid(per_model)
+    # Each model alone, at every per-model grid point: [G, P, 7] per model.
+    alone = {m: np.stack([evaluate({**point, **shared_defaults}, [m]) for point in model_grid])
+             for m in models} if per_model else {}
     folds = make_folds(len(data.prompts), k, seed)
     values = np.full((len(data.prompts), len(METRICS)), np.nan)
     chosen = []
     for f, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(data.prompts)), test)
-        # Each model's scale from its own TextNorm on the training prompts only.
-        scale_idx = {m: _best(single[m][:, train, sel]) for m in models}
+        picked = {m: model_grid[_best(alone[m][:, train, sel])] for m in alone}
+        fixed = {h.name: {m: picked[m][h.name] for m in models} for h in per_model}
         entry: dict[str, Any] = {"fold": f, "n_test": int(len(test))}
-        if method == "textnorm":
-            m = models[0]
-            values[test] = single[m][scale_idx[m]][test]
-            entry["scale"] = scales[scale_idx[m]]
-        else:
-            table = [_metrics(data, combine(scale_idx, lam)) for lam in lam_grid]
+        for h in per_model:
+            if len(models) == 1:
+                entry[h.name] = picked[models[0]][h.name]
+            else:
+                entry.update({f"{h.name}[{m}]": picked[m][h.name] for m in models})
+        if shared:
+            points = _grid(shared)
+            table = [evaluate({**fixed, **point}, models) for point in points]
             j = _best(np.stack([t[train, sel] for t in table]))
             values[test] = table[j][test]
-            for m in models:
-                entry[f"scale[{m}]"] = scales[scale_idx[m]]
-            if method == "ur":
-                entry["lambda"] = lam_grid[j]
+            entry.update(points[j])
+        elif len(models) == 1 and per_model:
+            values[test] = alone[models[0]][model_grid.index(picked[models[0]])][test]
+        else:
+            values[test] = evaluate(fixed, models)[test]
         chosen.append(entry)
-    return Calibrated(method, models, frame(values), "cv", chosen)
+    return Calibrated(name, models, frame(values), "cv", chosen)

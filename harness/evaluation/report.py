@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from harness.io import atomic_path, write_json, write_text
 from harness.errors import HarnessError
 from harness.evaluation.metrics import METRICS
+from harness.io import atomic_path, write_json, write_text
 
 if TYPE_CHECKING:
     from harness.evaluation.leaderboard import LeaderboardResult
@@ -59,7 +59,13 @@ def _fmt_ci(ci: Any, digits: int = 3) -> str:
     return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def render_markdown(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "") -> str:
+def level(confidence: float) -> str:
+    """0.95 -> "95%", 0.8 -> "80%", 0.999 -> "99.9%": the level as given, never rounded to 95."""
+    return f"{100 * confidence:.10g}%"
+
+
+def render_markdown(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "",
+                    confidence: float = 0.95) -> str:
     lines = [f"# {title}", ""] if title else []
     header = "| method | source | prompts | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |"
     rule = "|---|---|---:|" + "---:|" * len(METRICS)
@@ -70,13 +76,14 @@ def render_markdown(rows: pd.DataFrame, notes: list[str] | None = None, title: s
             lines.append(f"| {r['method']} | {r['source']} | {r['n_prompts']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("Values are unweighted means over prompts with both binary classes; brackets "
-                 "hold 95% percentile-bootstrap intervals over prompts.")
+                 f"hold {level(confidence)} percentile-bootstrap intervals over prompts.")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def render_html(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "") -> str:
+def render_html(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "",
+                confidence: float = 0.95) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title or 'leaderboard')}</title>",
@@ -97,13 +104,16 @@ def render_html(rows: pd.DataFrame, notes: list[str] | None = None, title: str =
             parts.append(f"<tr><td>{html.escape(str(r['method']))}</td><td>{html.escape(str(r['source']))}</td>"
                          f"<td>{r['n_prompts']}</td>{cells}</tr>")
         parts.append("</table>")
+    parts.append(f"<p><small>Values are unweighted means over prompts with both binary classes; "
+                 f"small numbers are {level(confidence)} percentile-bootstrap intervals over "
+                 "prompts.</small></p>")
     if notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def plot_rows(rows: pd.DataFrame, plots_dir: Path) -> list[Path]:
+def plot_rows(rows: pd.DataFrame, plots_dir: Path, confidence: float = 0.95) -> list[Path]:
     """One PNG per metric: grouped bars (subset x method) with CI whiskers."""
     import matplotlib
 
@@ -136,7 +146,7 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path) -> list[Path]:
                    yerr=np.array([lo, hi]), capsize=2, ecolor="black")
         ax.set_xticks(range(len(subsets)), subsets)
         ax.set_ylabel(METRIC_LABELS[metric])
-        ax.set_title(f"{METRIC_LABELS[metric]} per subset (95% bootstrap CI)")
+        ax.set_title(f"{METRIC_LABELS[metric]} per subset ({level(confidence)} bootstrap CI)")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
@@ -157,7 +167,7 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HarnessError(f"cannot create run folder '{out}': {exc.strerror}") from exc
-    title = f"{result.manifest['config'].get('benchmark', '')} leaderboard".strip()
+    title, notes, confidence = result.title, result.notes, result.confidence
     records = rows_as_records(result.rows)
     csv_rows = result.rows.copy()
     for m in METRICS:
@@ -167,8 +177,8 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
     write_json(out / "manifest.json", result.manifest)
     write_json(out / "leaderboard.json", records)
     write_text(out / "leaderboard.csv", csv_rows.to_csv(index=False))
-    write_text(out / "leaderboard.md", render_markdown(result.rows, result.notes, title))
-    write_text(out / "leaderboard.html", render_html(result.rows, result.notes, title))
+    write_text(out / "leaderboard.md", render_markdown(result.rows, notes, title, confidence))
+    write_text(out / "leaderboard.html", render_html(result.rows, notes, title, confidence))
     write_text(out / "per_prompt.csv", result.per_prompt.to_csv(index=False))
     if result.scores is not None:
         with atomic_path(out / "scores.parquet") as tmp:
@@ -176,7 +186,7 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
     if result.comparisons is not None and not result.comparisons.empty:
         write_text(out / "comparisons.csv", result.comparisons.to_csv(index=False))
     if plots:
-        plot_rows(result.rows, out / "plots")
+        plot_rows(result.rows, out / "plots", confidence)
     return out
 
 
@@ -196,7 +206,23 @@ def load_rows(run_dir: str | Path) -> pd.DataFrame:
     return rows
 
 
-def render_terminal(rows: pd.DataFrame, console: Any = None, notes: list[str] | None = None) -> None:
+def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, str, list[str], float]:
+    """A run folder's rows, title, notes and confidence level, as the run wrote them."""
+    rows = load_rows(run_dir)
+    path = Path(run_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise HarnessError(f"no manifest.json in '{run_dir}' (is it a run folder?)") from exc
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"malformed {path}: {exc.msg} at line {exc.lineno}") from exc
+    report = manifest.get("report") or {}
+    confidence = report.get("confidence", (manifest.get("config") or {}).get("report", {}).get("confidence", 0.95))
+    return rows, report.get("title", ""), list(report.get("notes", [])), float(confidence)
+
+
+def render_terminal(rows: pd.DataFrame, console: Any = None, notes: list[str] | None = None,
+                    confidence: float = 0.95) -> None:
     """Print one rich table per subset."""
     import sys
 
@@ -220,5 +246,6 @@ def render_terminal(rows: pd.DataFrame, console: Any = None, notes: list[str] | 
                 *(f"{_fmt(r[m])}\n[dim]{_fmt_ci(r[f'{m}_ci'], 2)}[/dim]" for m in METRICS),
             )
         console.print(table)
+    console.print(f"[dim]brackets: {level(confidence)} bootstrap intervals over prompts[/dim]")
     for n in notes or []:
         console.print(f"[dim]note: {n}[/dim]")

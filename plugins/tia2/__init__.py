@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import pandas as pd
 
-from harness.io import cache_dir, fetch, sha256_file
 from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
+from harness.io import cache_dir, fetch, sha256_file
 from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
 
 log = logging.getLogger("harness.tia2")
@@ -93,6 +93,12 @@ class TIA2(Benchmark):
         return str(self.data_dir) if self.data_dir is not None else self.base_url
 
     # -- files -----------------------------------------------------------------------------
+    def files_read(self) -> dict[str, str]:
+        return dict(self.checksums)
+
+    def mismatched_files(self) -> list[str]:
+        return list(self.checksum_mismatches)
+
     def check_subsets(self, subsets: Sequence[str] | None) -> list[str]:
         if not subsets:
             return list(self.subsets)
