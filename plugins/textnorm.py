@@ -70,7 +70,20 @@ def textnorm_confidence(raw: np.ndarray, column_mask: np.ndarray, scale: float) 
     return np.exp(z[:, :, 0] - lse)
 
 
-class _Calibrated(Normalizer):
+class _Vectorised(Normalizer):
+    """A built-in whose math is :meth:`compute` over ``[P, N, K]``: the batched fast path is
+    that, and ``__call__`` on one prompt is its ``P = 1`` case."""
+
+    def compute(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray) -> np.ndarray:
+        return self.compute(scores, column_mask, image_mask)
+
+
+class _Calibrated(_Vectorised):
     """Shared by TextNorm and its ensembles: each model's TextNorm confidence, then a reduction."""
 
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
@@ -88,13 +101,13 @@ class _Calibrated(Normalizer):
     def reduce(self, confidences: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+    def compute(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
                 image_mask: np.ndarray) -> np.ndarray:
         return self.reduce(self.confidences(scores, column_mask))
 
     def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
         stacked, mask = _one_prompt(scores, need_contrastive=True)
-        return self.batched(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
+        return self.compute(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
 
 
 class TextNorm(_Calibrated):
@@ -140,13 +153,13 @@ class UREnsemble(_Calibrated):
         return confidences.mean(axis=0) - self.value("lam") * confidences.std(axis=0)
 
 
-class Identity(Normalizer):
+class Identity(_Vectorised):
     """The raw score of the image's own prompt (column 0), for one model."""
 
     id: ClassVar[str] = "identity"
     max_models: ClassVar[int | None] = 1
 
-    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+    def compute(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
                 image_mask: np.ndarray) -> np.ndarray:
         if len(scores) != 1:
             raise HarnessError("identity takes one reward model (raw scores of several models "
@@ -155,10 +168,10 @@ class Identity(Normalizer):
 
     def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
         stacked, mask = _one_prompt(scores, need_contrastive=False)
-        return self.batched(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
+        return self.compute(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
 
 
-class ZScore(Normalizer):
+class ZScore(_Vectorised):
     """Own-prompt scores standardised over the prompt's images, averaged over models.
 
     Needs the images of one prompt together (``min_images = 2``): on one image it is 0.
@@ -175,14 +188,14 @@ class ZScore(Normalizer):
         std = np.sqrt(np.where(image_mask, (own - mean) ** 2, 0).sum(-1, keepdims=True) / np.maximum(n, 1))
         return np.where(std > 0, (own - mean) / np.where(std > 0, std, 1), 0.0)
 
-    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+    def compute(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
                 image_mask: np.ndarray) -> np.ndarray:
         own = [np.asarray(raw, dtype=np.float64)[:, :, 0] for raw in scores.values()]
         return np.mean(np.stack([self.standardize(o, image_mask) for o in own]), axis=0)
 
     def __call__(self, scores: Mapping[str, Any]) -> np.ndarray:
         stacked, mask = _one_prompt(scores, need_contrastive=False)
-        return self.batched(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
+        return self.compute(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool))[0]
 
 
 @hookimpl

@@ -88,7 +88,7 @@ def test_scored_rows_comparisons_and_cache(setup, tia2_dir):
 
 def test_model_without_images_and_unknown_model(setup, tia2_dir, tmp_path):
     one_line_error(harness("leaderboard", "tia2", "--data", tia2_dir, "--model", "clip",
-                           "--out", tmp_path / "o"), "needs the benchmark images: pass --images DIR")
+                           "--out", tmp_path / "o"), "--images is needed to score reward models")
     one_line_error(run_board(setup, tia2_dir, tmp_path / "o", "--model", "pickscor"),
                    "Unknown reward model 'pickscor'. Did you mean 'pickscore'?")
 
@@ -104,15 +104,20 @@ def test_harness_score_command(setup, tmp_path):
     assert len(table) == 2 * 300 and set(table["model"]) == {"clip"}
     pairs = tmp_path / "pairs.csv"
     first = sorted(folder.iterdir())[:3]
-    pd.DataFrame({"image": [p.name for p in first], "prompt": ["a", "b", "c"]}).to_csv(pairs, index=False)
+    pd.DataFrame({"image": [p.name for p in first], "prompt": ["two airplanes", "b", "c"]}
+                 ).to_csv(pairs, index=False)
     result = harness("score", "--model", f"clip:checkpoint={setup['clip']}", "--pairs", pairs,
                      "--images", folder, "--json", "--no-cache")
     assert result.returncode == 0, result.stderr
     records = json.loads(result.stdout)
-    assert [r["prompt"] for r in records] == ["a", "b", "c"]
-    # Same image and prompt -> same score as in the folder run.
+    assert [r["prompt"] for r in records] == ["two airplanes", "b", "c"]
+    # Same image and prompt -> same score as in the folder run (a pair scored alone, in another
+    # batch, with no cache in between).
     row = table[(table["image"] == str(first[0])) & (table["prompt"] == "two airplanes")]
     assert len(row) == 1
+    assert records[0]["image"] == str(first[0])
+    assert records[0]["score"] == pytest.approx(float(row["score"].iloc[0]), abs=1e-6)
+    assert records[1]["score"] != pytest.approx(records[2]["score"], abs=1e-9)
     one_line_error(harness("score", "--model", "clip", "--images", folder), "--prompt")
     one_line_error(harness("score", "--model", f"clip:checkpoint={setup['clip']}", "--pairs",
                            tmp_path / "missing.csv"), "cannot read --pairs file")
@@ -130,7 +135,7 @@ def test_textnorm_rows_with_cross_validation_and_oracle(setup, tia2_dir):
     cal = {c["method"]: c for c in manifest["calibration"]}
     assert cal["ur(clip+blip2)"]["selection"] == "cv" and cal["ur(clip+blip2)"]["prompts"] == "tia2"
     assert len(cal["ur(clip+blip2)"]["chosen"]) == 3
-    assert {"scale[clip]", "scale[blip2]", "lambda"} <= set(cal["ur(clip+blip2)"]["chosen"][0])
+    assert {"scale[clip]", "scale[blip2]", "lam"} <= set(cal["ur(clip+blip2)"]["chosen"][0])
     assert "3-fold cv" in (out / "leaderboard.md").read_text()
     # Every image was scored against its prompt and the released contrastive prompts, once.
     scores = pd.read_parquet(out / "scores.parquet")
@@ -155,3 +160,49 @@ def test_textnorm_bad_input(setup, tia2_dir, tmp_path):
     empty.write_text(json.dumps({p: [] for p in setup["chosen"]}))
     one_line_error(run_board(setup, tia2_dir, tmp_path / "o", "--normalizer", "textnorm",
                              "--prompts", empty), "have no contrastive prompts")
+
+
+def _margin_class():
+    """A third-party normalizer written to the documented contract only: ``__call__`` on one
+    prompt's images, no ``batched`` fast path, no hyperparameters."""
+    from typing import ClassVar
+
+    from harness import Normalizer
+
+    class MarginNormalizer(Normalizer):
+        id: ClassVar[str] = "margin"
+        needs_contrastive: ClassVar[bool] = True
+
+        def __call__(self, scores):
+            (raw,) = scores.values()
+            raw = np.asarray(raw, dtype=np.float64)
+            return raw[:, 0] - raw[:, 1:].max(axis=1)
+
+    return MarginNormalizer
+
+
+def test_third_party_normalizer_on_the_leaderboard(setup, tia2_dir):
+    from harness.plugins import Entry, get_plugins
+
+    get_plugins().normalizers.add(Entry("margin", _margin_class(), "test-plugin"))
+    out = setup["root"] / "margin"
+    result = run_board(setup, tia2_dir, out, "--normalizer", "margin", "--prompts", "tia2")
+    assert result.returncode == 0, result.stderr
+    rows = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())
+            if r["source"] == "scored"}
+    assert {"margin(clip)", "margin(blip2)"} <= set(rows)
+    # The row is the margin computed independently from the written scores, prompt by prompt.
+    scores = pd.read_parquet(out / "scores.parquet")
+    clip = scores[scores["method"] == "clip"]
+    own = clip[clip["column"] == 0].set_index("image")["score"]
+    best_other = clip[clip["column"] > 0].groupby("image")["score"].max()
+    margin = (own - best_other).rename("margin").reset_index()
+    merged = margin.merge(setup["rows"], on="image")
+    per_prompt = [prompt_metrics(g["margin"], g["binary"], g["graded"])
+                  for p, g in merged.groupby("prompt") if p in setup["chosen"][:5]]
+    for m in METRICS:
+        assert rows["margin(clip)"][m] == pytest.approx(np.mean([x[m] for x in per_prompt]), abs=1e-12)
+    assert rows["margin(clip)"]["auroc"] != pytest.approx(rows["clip"]["auroc"], abs=1e-9)
+    # Declared limits are honoured before any scoring: an ensemble of one is refused.
+    one_line_error(run_board(setup, tia2_dir, setup["root"] / "o", "--ensemble", "textnorm"),
+                   "--ensemble has 'textnorm', which takes at most 1 model(s)")

@@ -170,3 +170,67 @@ def test_every_hookspec_is_documented_and_registered_kinds_cover_them():
     assert sorted(specs) == sorted([k.hook for k in KINDS] + ["register_commands"])
     for name in specs:
         assert ":param" in getattr(hookspecs, name).__doc__
+
+
+def test_hooks_get_only_the_arguments_they_declare(site, monkeypatch):
+    make_dist(site, "t2i-harness-quiet", "t2i_harness_quiet", """
+        from harness import hookimpl
+
+        CALLS = []
+
+        @hookimpl
+        def register_commands():
+            CALLS.append("commands")
+    """)
+    monkeypatch.setenv("HARNESS_LOAD_PLUGINS", "t2i-harness-quiet")
+    monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "1")
+    import click
+
+    plugins = Plugins()
+    plugins.add_commands(click.Group())
+    import t2i_harness_quiet
+
+    assert t2i_harness_quiet.CALLS == ["commands"]
+    assert plugins.warnings == []
+
+
+def test_contract_declarations_are_checked_at_registration(site, monkeypatch):
+    make_dist(site, "t2i-harness-badctor", "t2i_harness_badctor", """
+        from harness import RewardModel, hookimpl
+
+        class Needy(RewardModel):
+            id = "needy"
+            def __init__(self, path):
+                self.path = path
+            def preprocess(self, image): return image
+            def embed_images(self, batch): return batch
+            def score(self, features, prompts): return [[0.0] * len(p) for p in prompts]
+
+        @hookimpl
+        def register_reward_models(register):
+            register(Needy)
+    """)
+    monkeypatch.setenv("HARNESS_LOAD_PLUGINS", "t2i-harness-badctor")
+    plugins = Plugins()
+    assert "needy" not in plugins.reward_models
+    (warning,) = plugins.warnings
+    assert "does not accept the constructor arguments checkpoint, device, dtype" in warning
+    monkeypatch.setenv("HARNESS_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="Needy does not accept the constructor arguments"):
+        Plugins()
+
+
+def test_catalogs_are_typed_and_bases_are_exported():
+    import typing
+
+    import harness
+    from harness.plugins import KINDS
+
+    plugins = get_plugins()
+    for kind in KINDS:
+        assert getattr(harness, kind.base.__name__) is kind.base
+        hint = typing.get_type_hints(type(plugins).__dict__[kind.key].fget)["return"]
+        assert typing.get_args(hint) == (kind.base,)
+        for entry in plugins.catalogs[kind.key]:
+            assert issubclass(entry.cls, kind.base)
+    assert harness.hookimpl is __import__("harness.hookspecs").hookspecs.hookimpl

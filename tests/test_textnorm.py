@@ -186,3 +186,28 @@ def test_leaderboard_calibration_drops_images_a_model_could_not_score():
                     "textnorm", ["a"], k=3, seed=0)
     got = rows[rows.method == "textnorm(a)"].set_index("prompt")["auroc"]
     np.testing.assert_allclose(got.loc[ref.per_prompt["prompt"]].to_numpy(), ref.per_prompt["auroc"], atol=1e-12)
+
+
+@pytest.mark.parametrize("name,models", [("textnorm", ["a"]), ("mean", ["a", "b"]), ("ur", ["a", "b"]),
+                                         ("identity", ["a"]), ("zscore", ["a", "b"])])
+def test_batched_path_equals_the_per_prompt_contract(name, models):
+    """Each built-in's math exists once: its batched path over padded prompts equals calling it on
+    each prompt's real images and columns alone, which is all a plugin must implement."""
+    from harness.evaluation.calibration import normalize
+
+    data, _ = synthetic(P=8, N=10, C=4, seed=5)
+    # Ragged prompts: fewer images and contrastive prompts for some.
+    data.image_mask[2, 7:] = False
+    data.column_mask[3, 3:] = False
+    cls = get_plugins().normalizers.get(name)
+    values = {"scale": {"a": 3.0, "b": 0.3}} if cls.hyperparameters else {}
+    fast = normalize(cls(**values), data, models)
+
+    class ContractOnly(cls):
+        def batched(self, scores, column_mask, image_mask):
+            return None
+
+    ContractOnly.id = name
+    slow = normalize(ContractOnly(**values), data, models)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+    assert fast[2, 7:].tolist() == [0.0] * 3
