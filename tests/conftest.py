@@ -11,6 +11,16 @@ os.environ["HARNESS_LOAD_PLUGINS"] = ""  # no third-party plugins by default
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("HARNESS_STRICT_PLUGINS", None)
 os.environ.pop("HARNESS_BLOCK_PLUGINS", None)
+# Pinned threads: on a busy 2-core machine, torch's default of one thread per core oversubscribes
+# (a fine-tuning test once ran 25x slower under load); data-loader and Ray workers inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover - torch is a dependency
+    pass
 
 REPO = Path(__file__).resolve().parents[1]
 TIA2_DIR = Path(os.environ.get("TIA2_DATA", REPO.parent / "shared" / "tia2"))
