@@ -13,24 +13,36 @@ upper bound in the strict sense, since it is measured against one annotator, not
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
 from harness.evaluation.metrics import METRICS, per_prompt_metrics
 
-LABEL_COLUMNS = ("label_0", "label_1", "label_2")
+LABEL_COLUMN = re.compile(r"^label_\d+$")
+
+
+def label_columns(images: pd.DataFrame) -> list[str]:
+    """The per-annotator columns ``label_0, label_1, ...`` a benchmark's data has."""
+    return sorted((c for c in images.columns if LABEL_COLUMN.match(str(c))),
+                  key=lambda c: int(str(c)[6:]))
 
 
 def human_agreement(images: pd.DataFrame, by: tuple[str, ...] = ("subset", "prompt")) -> pd.DataFrame:
     """Per-prompt leave-one-annotator-out metrics.
 
-    :param images: one row per image with ``label_0..label_2`` (-1/0/1) and ``binary``.
+    :param images: one row per image with per-annotator labels ``label_0, label_1, ...``
+        (-1/0/1; at least two annotators) and ``binary``.
     :returns: one row per prompt with columns ``*by, n_images, n_positive`` + METRICS; metrics are
         NaN for prompts whose majority labels are all one class (as for reward models).
     """
-    aligned = np.stack([(images[c].to_numpy() == 1) for c in LABEL_COLUMNS], axis=1).astype(float)
+    columns = label_columns(images)
+    if len(columns) < 2:
+        raise ValueError("human agreement needs at least two annotators' label_* columns")
+    aligned = np.stack([(images[c].to_numpy() == 1) for c in columns], axis=1).astype(float)
     per_annotator = []
-    for a in range(len(LABEL_COLUMNS)):
+    for a in range(len(columns)):
         others = np.delete(aligned, a, axis=1).mean(1)
         frame = images[list(by)].assign(score=others, binary=aligned[:, a], graded=aligned[:, a])
         m = per_prompt_metrics(frame, score="score", by=by)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.evaluation.agreement import human_agreement
+from harness.evaluation.agreement import human_agreement, label_columns
 from harness.evaluation.config import (
     CalibrationSection,
     ConfigError,
@@ -135,7 +135,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
             parts.append(pp)
         if failed:
             notes.append(f"{len(failed)} images could not be read and were not scored")
-    if d.include_human:
+    if d.include_human and len(label_columns(labels)) >= 2:
         human = human_agreement(labels)
         human["method"] = "human"
         human["source"] = "human"
@@ -264,10 +264,7 @@ def _score(labels: pd.DataFrame, s: ScoringSection,
         frame["text"] = [t for i in ok for t in texts[i]]
         frame["score"] = np.concatenate([run.scores[i] for i in ok]) if ok else []
         frames.append(frame)
-        info.append({**scored.description, "method": scored.label, "spec": scored.spec_text,
-                     "computed": run.computed, "cached": run.cached,
-                     "encoded_images": run.encoded_images, "seconds": round(run.seconds, 3),
-                     "failed_images": len(run.failed), "executor": run.executor_info})
+        info.append(scored.manifest())
     return pd.concat(frames, ignore_index=True), failed, info
 
 
