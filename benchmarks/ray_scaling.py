@@ -35,15 +35,21 @@ def main() -> None:
     from scoring import build_checkpoint, workload
     from tiny_models import make_tiny_clip
 
-    from harness.scoring.ray import RayOptions
-    from harness.scoring.specs import load_reward_model
-    from harness.scoring.runner import score_images
+    from harness.scoring import (
+        LocalExecutor,
+        RayExecutor,
+        RayOptions,
+        load_reward_model,
+        parse_model_spec,
+        score_images,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = make_tiny_clip(tmp / "ckpt", image_size=224) if args.arch == "tiny" else build_checkpoint(tmp / "ckpt", args.arch)
         paths, prompts = workload(tmp / "images", max(args.sizes))
-        model = load_reward_model(f"clip:checkpoint={ckpt}", device="cpu")
+        spec = parse_model_spec(f"clip:checkpoint={ckpt}")
+        model = load_reward_model(spec, device="cpu")
         t0 = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         print(f"ray.init: {time.perf_counter() - t0:.1f} s (not counted below)")
@@ -52,12 +58,14 @@ def main() -> None:
         for n in args.sizes:
             times = {}
             t = time.perf_counter()
-            score_images(model, paths[:n], prompts[:n], batch_size=args.batch_size, num_workers=1)
+            score_images(model, paths[:n], prompts[:n], spec=spec, batch_size=args.batch_size,
+                         executor=LocalExecutor(num_workers=1))
             times["local"] = time.perf_counter() - t
             for actors in (1, 2):
                 t = time.perf_counter()
-                score_images(model, paths[:n], prompts[:n], batch_size=args.batch_size, executor="ray",
-                             ray_options=RayOptions(actors=actors, gpus_per_actor=args.gpus))
+                options = RayOptions(actors=actors, gpus_per_actor=args.gpus)
+                score_images(model, paths[:n], prompts[:n], spec=spec, batch_size=args.batch_size,
+                             executor=RayExecutor(options))
                 times[actors] = time.perf_counter() - t
             rate = {k: n / v for k, v in times.items()}
             print(f"{n:7d} {rate['local']:12.1f} {rate[1]:13.1f} {rate[1] / rate['local']:6.2f} "

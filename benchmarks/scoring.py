@@ -135,15 +135,15 @@ def main() -> None:
 
     import torch
 
-    from harness.scoring.specs import load_reward_model
-    from harness.scoring.runner import score_images
+    from harness.scoring import LocalExecutor, load_reward_model, parse_model_spec, score_images
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = build_checkpoint(tmp / "ckpt", args.arch)
         paths, prompts = workload(tmp / "images", args.images)
-        model = load_reward_model(f"clip:checkpoint={ckpt}", device=args.device, dtype=args.dtype)
+        spec = parse_model_spec(f"clip:checkpoint={ckpt}")
+        model = load_reward_model(spec, device=args.device, dtype=args.dtype)
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
         # Warm-up (first-call allocations, kernel selection, text cache not reused across runs).
@@ -160,8 +160,9 @@ def main() -> None:
 
         engine_runs, bare_runs = [], []
         for _ in range(args.repeat):  # interleaved, so both see the same machine load
-            engine_runs.append(timed(lambda: score_images(model, paths, prompts, batch_size=args.batch_size,
-                                                          num_workers=args.workers)))
+            engine_runs.append(timed(lambda: score_images(
+                model, paths, prompts, spec=spec, batch_size=args.batch_size,
+                executor=LocalExecutor(num_workers=args.workers))))
             bare_runs.append(timed(lambda: bare_batched(model, paths, prompts, args.batch_size)))
         t_engine, run = min(engine_runs, key=lambda x: x[0])
         t_bare, bare = min(bare_runs, key=lambda x: x[0])

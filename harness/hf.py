@@ -99,6 +99,29 @@ def weights_fingerprint(checkpoint: str) -> str | None:
     return digest.hexdigest()
 
 
+def checkpoint_files(source: str | None, revision: str | None = None) -> list[Path]:
+    """The files a checkpoint loads from: every file of a local folder (or the file itself), or,
+    for a hub id, every file of its snapshot in the local Hugging Face cache (symlinks into
+    ``blobs/``, whose names are content hashes). Hidden files and folders are left out."""
+    if not source:
+        return []
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=str(source), revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not a hub id, or not in the local cache
+        return []
+    return checkpoint_files(folder)
+
+
 class ImageProcessorCall:
     """Picklable ``PIL image -> float32 [3, H, W]`` through a transformers image processor."""
 

@@ -1,6 +1,6 @@
-"""Conformance checks for plugin authors: ``check_reward_model`` and friends.
+"""Conformance checks for plugin authors, one per kind of plugin.
 
-Use them in a reward-model plugin's own tests::
+Use them in a plugin's own tests::
 
     from harness.testing import check_reward_model
 
@@ -8,34 +8,42 @@ Use them in a reward-model plugin's own tests::
         model = MyReward(checkpoint=make_tiny_checkpoint(tmp_path))
         check_reward_model(model, images, prompts)
 
+- :func:`check_reward_model`: a :class:`~harness.types.RewardModel` instance on PIL images;
+- :func:`check_normalizer`: a :class:`~harness.types.Normalizer` class on random scores;
+- :func:`check_prompt_generator`: a :class:`~harness.types.PromptSetGenerator` on prompts;
+- :func:`check_benchmark`: a :class:`~harness.types.Benchmark` instance (it loads its data).
+
 Each check raises ``AssertionError`` with a message saying which property failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from harness.types import RewardModel
+from harness.types import (
+    Benchmark,
+    BenchmarkData,
+    Hyperparameter,
+    Normalizer,
+    PromptSetGenerator,
+    RewardModel,
+)
+
+__all__ = ["check_benchmark", "check_normalizer", "check_prompt_generator", "check_reward_model",
+           "image_modes"]
 
 
+# -- reward models ------------------------------------------------------------------------------
 def _collate(items: list[Any]) -> Any:
-    first = items[0]
-    if hasattr(first, "shape") and type(first).__module__.startswith("torch"):
-        import torch
+    from harness.scoring.runner import collate
 
-        return torch.stack(items)
-    if isinstance(first, np.ndarray):
-        return np.stack(items)
-    return items
-
-
-def _slice(features: Any, lo: int, hi: int) -> Any:
-    if isinstance(features, dict):
-        return {k: v[lo:hi] for k, v in features.items()}
-    return features[lo:hi]
+    return collate(items)
 
 
 def _as_arrays(scores: Sequence[Any]) -> list[np.ndarray]:
@@ -47,6 +55,34 @@ def _as_arrays(scores: Sequence[Any]) -> list[np.ndarray]:
     return out
 
 
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def image_modes(image: Any) -> dict[str, Any]:
+    """``image`` (PIL) in the modes files come in: L, P (adaptive palette), RGBA and LA (with a
+    real alpha gradient), CMYK and 1-bit."""
+    from PIL import Image
+
+    rgb = image.convert("RGB")
+    w, h = rgb.size
+    alpha = Image.linear_gradient("L").resize((w, h))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    la = rgb.convert("L")
+    la.putalpha(alpha)
+    return {
+        "L": rgb.convert("L"),
+        "P": rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+        "RGBA": rgba,
+        "LA": la,
+        "CMYK": rgb.convert("CMYK"),
+        "1": rgb.convert("1"),
+    }
+
+
 def check_reward_model(
     model: RewardModel,
     images: Sequence[Any],
@@ -56,17 +92,30 @@ def check_reward_model(
 ) -> list[np.ndarray]:
     """Check the contract on PIL ``images`` with ``prompts[i]`` for image ``i``.
 
+    - the class takes the default constructor ``(checkpoint=None, device="cpu", dtype="float32")``;
     - ``score`` returns one float32 array per image, of length ``len(prompts[i])``, all finite;
     - deterministic: the same inputs give the same scores;
     - batch-size invariant: scoring in batches of each of ``batch_sizes`` agrees within ``atol``;
-    - cached features: scoring an image's prompts together equals scoring each one alone.
+    - cached features: scoring an image's prompts together equals scoring each one alone;
+    - ``preprocessor()`` computes what ``preprocess`` does;
+    - every image mode (L, P, RGBA, LA, CMYK, 1) is accepted as opened and scores finitely;
+    - ``files()`` lists existing files.
 
     :returns: the scores (from the first batch size).
     """
     assert len(images) == len(prompts), "one prompt list per image"
+    assert images, "give at least one image"
+    cls = type(model)
+    try:
+        inspect.signature(cls).bind(checkpoint=None, device="cpu", dtype="float32")
+    except TypeError as exc:
+        raise AssertionError(
+            f"{cls.__qualname__} does not accept the default constructor "
+            f"(checkpoint=None, device='cpu', dtype='float32'): {exc}"
+        ) from None
     inputs = [model.preprocess(im) for im in images]
 
-    def run(batch_size: int) -> list[np.ndarray]:
+    def run(batch_size: int, inputs: list[Any] = inputs) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for lo in range(0, len(inputs), batch_size):
             feats = model.embed_images(_collate(inputs[lo : lo + batch_size]))
@@ -95,4 +144,202 @@ def check_reward_model(
     alone = np.array([_as_arrays(model.score(feats, [[p]]))[0][0] for p in prompts[0]])
     np.testing.assert_allclose(together, alone, atol=atol, rtol=0,
                                err_msg="scoring prompts together differs from one at a time")
+    # The picklable preprocessor sent to data-loading processes does what preprocess does.
+    shipped = model.preprocessor()(images[0])
+    np.testing.assert_allclose(_as_array(shipped), _as_array(inputs[0]), atol=1e-6, rtol=0,
+                               err_msg="preprocessor() differs from preprocess")
+    # Images as opened, in other modes: accepted, same input shape, finite scores.
+    shape = np.shape(_as_array(inputs[0]))
+    for mode, im in image_modes(images[0]).items():
+        try:
+            x = model.preprocess(im)
+        except Exception as exc:  # noqa: BLE001 - report which mode failed and why
+            raise AssertionError(f"preprocess fails on a mode {mode} image: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        assert np.shape(_as_array(x)) == shape, (
+            f"mode {mode} image preprocessed to shape {np.shape(_as_array(x))}, RGB to {shape}"
+        )
+        s = _as_arrays(model.score(model.embed_images(_collate([x])), [list(prompts[0])]))[0]
+        assert np.isfinite(s).all() and s.shape == (len(prompts[0]),), (
+            f"mode {mode} image: scores {s}"
+        )
+    for path in model.files():
+        assert Path(path).is_file(), f"files() lists {path}, which is not a file"
     return first
+
+
+# -- normalizers --------------------------------------------------------------------------------
+def _random_scores(rng: np.random.Generator, models: Sequence[str], n: int, width: int
+                   ) -> dict[str, np.ndarray]:
+    return {m: rng.normal(0.25 + 0.1 * k, 0.1 + 0.05 * k, size=(n, width))
+            for k, m in enumerate(models)}
+
+
+def _check_output(out: Any, n: int, what: str) -> np.ndarray:
+    arr = np.asarray(out)
+    assert arr.shape == (n,), f"{what}: output of shape {arr.shape}, expected ({n},)"
+    assert np.issubdtype(arr.dtype, np.floating), f"{what}: output of dtype {arr.dtype}, expected float"
+    assert np.isfinite(arr).all(), f"{what}: non-finite output {arr}"
+    return arr.astype(np.float64)
+
+
+def _check_hyperparameters(cls: type[Normalizer]) -> None:
+    declared = cls.hyperparameters
+    assert isinstance(declared, tuple), f"{cls.__qualname__}.hyperparameters must be a tuple"
+    names = [h.name for h in declared]
+    assert len(set(names)) == len(names), f"hyperparameter names repeat: {names}"
+    for h in declared:
+        assert isinstance(h, Hyperparameter), f"{h!r} is not a harness.types.Hyperparameter"
+        assert h.name.isidentifier(), f"hyperparameter name {h.name!r} is not an identifier"
+        assert h.grid and all(isinstance(v, int | float) and math.isfinite(v) for v in h.grid), (
+            f"hyperparameter '{h.name}': grid {h.grid} must be finite numbers"
+        )
+        assert len(set(h.grid)) == len(h.grid), f"hyperparameter '{h.name}': grid repeats values"
+        assert math.isfinite(h.default_value), f"hyperparameter '{h.name}': default not finite"
+
+
+def check_normalizer(
+    cls: type[Normalizer],
+    *,
+    models: Sequence[str] | None = None,
+    contrastive: int = 4,
+    seed: int = 0,
+    atol: float = 1e-9,
+) -> None:
+    """Check a normalizer class on random scores of ``models`` (default: as many as it needs).
+
+    - hyperparameters declared sanely (unique identifiers, finite non-empty grids) and every grid
+      value accepted by the constructor, with finite results;
+    - output: float ``[N]``, finite, for ``N`` from ``max(min_images, 1)`` up;
+    - permuting a prompt's images permutes the output (images are treated alike);
+    - per-prompt independence: ``batched`` (when it is provided) over prompts of different
+      image and contrastive counts, padded, equals ``__call__`` prompt by prompt.
+    """
+    assert isinstance(cls, type) and issubclass(cls, Normalizer), f"{cls!r} is not a Normalizer class"
+    _check_hyperparameters(cls)
+    rng = np.random.default_rng(seed)
+    if models is None:
+        count = max(cls.min_models, 2 if cls.max_models is None or cls.max_models >= 2 else 1)
+        if cls.max_models is not None:
+            count = min(count, cls.max_models)
+        models = [f"model{k}" for k in range(count)]
+    models = list(models)
+    width = 1 + max(contrastive, 1 if cls.needs_contrastive else 0)
+    norm = cls()
+    lo_images = max(cls.min_images, 1)
+
+    for n in sorted({lo_images, lo_images + 1, 7}):
+        scores = _random_scores(rng, models, n, width)
+        out = _check_output(norm(scores), n, f"{cls.id} on {n} images")
+        again = _check_output(norm({m: v.copy() for m, v in scores.items()}), n, cls.id)
+        np.testing.assert_array_equal(out, again, err_msg=f"{cls.id}: not deterministic")
+        perm = rng.permutation(n)
+        permuted = _check_output(norm({m: v[perm] for m, v in scores.items()}), n, cls.id)
+        np.testing.assert_allclose(permuted, out[perm], atol=atol, rtol=0,
+                                   err_msg=f"{cls.id}: permuting the images changes their scores")
+
+    for h in cls.hyperparameters:
+        for value in h.grid:
+            other = cls(**{h.name: value})
+            _check_output(other(_random_scores(rng, models, 5, width)), 5,
+                          f"{cls.id} with {h.name}={value}")
+
+    # Prompts of different sizes, padded into one [P, N, K] block.
+    sizes = [(lo_images + k % 3, width - (k % 2 if width > 2 else 0)) for k in range(5)]
+    prompts = [_random_scores(rng, models, n, k) for n, k in sizes]
+    one_by_one = [_check_output(norm(p), n, cls.id) for p, (n, _) in zip(prompts, sizes, strict=True)]
+    big_n = max(n for n, _ in sizes)
+    big_k = max(k for _, k in sizes)
+    stacked = {m: np.full((len(prompts), big_n, big_k), 0.5) for m in models}
+    column_mask = np.zeros((len(prompts), big_k), dtype=bool)
+    image_mask = np.zeros((len(prompts), big_n), dtype=bool)
+    for p, (scores, (n, k)) in enumerate(zip(prompts, sizes, strict=True)):
+        for m in models:
+            stacked[m][p, :n, :k] = scores[m]
+        column_mask[p, :k] = True
+        image_mask[p, :n] = True
+    params = inspect.signature(norm.batched).parameters
+    args: tuple[Any, ...] = (stacked, column_mask)
+    if len(params) >= 3:
+        args = (*args, image_mask)
+    fast = norm.batched(*args)
+    if fast is None:
+        return
+    fast = np.asarray(fast)
+    assert fast.shape == (len(prompts), big_n), (
+        f"{cls.id}.batched: output of shape {fast.shape}, expected {(len(prompts), big_n)}"
+    )
+    for p, (n, _) in enumerate(sizes):
+        np.testing.assert_allclose(
+            fast[p, :n], one_by_one[p], atol=atol, rtol=0,
+            err_msg=f"{cls.id}: batched differs from __call__ on prompt {p} (padded)",
+        )
+
+
+# -- prompt-set generators ------------------------------------------------------------------------
+def check_prompt_generator(gen: PromptSetGenerator, prompts: Sequence[str]) -> dict[str, list[str]]:
+    """Check ``gen.generate(prompts)``: a dict with every prompt as a key, each value a list of
+    non-empty strings that differ from the prompt; returns it."""
+    assert isinstance(gen, PromptSetGenerator), f"{gen!r} is not a PromptSetGenerator"
+    out = gen.generate(list(prompts))
+    assert isinstance(out, Mapping), f"generate returned a {type(out).__name__}, not a dict"
+    missing = [p for p in prompts if p not in out]
+    assert not missing, f"generate left out {len(missing)} prompts, e.g. {missing[0]!r}"
+    for p in prompts:
+        values = out[p]
+        assert isinstance(values, list), f"{p!r}: a {type(values).__name__}, not a list"
+        for v in values:
+            assert isinstance(v, str) and v.strip(), f"{p!r}: contrastive prompt {v!r} is empty"
+            assert v != p, f"{p!r}: a contrastive prompt equals the prompt itself"
+    return dict(out)
+
+
+# -- benchmarks -----------------------------------------------------------------------------------
+REQUIRED_COLUMNS = ("subset", "prompt_id", "prompt", "image", "binary", "graded")
+
+
+def check_benchmark(bench: Benchmark, subsets: Sequence[str] | None = None) -> BenchmarkData:
+    """Load ``subsets`` (default: the first one) and check :class:`BenchmarkData`'s documented
+    columns and dtypes, the subsets, the contrastive sets and ``reported()``; returns the data."""
+    from harness.errors import HarnessError
+
+    assert isinstance(bench, Benchmark), f"{bench!r} is not a Benchmark"
+    declared = tuple(bench.subsets)
+    assert declared and all(isinstance(s, str) and s for s in declared), (
+        f"{bench.id}: subsets must be non-empty strings, got {declared}"
+    )
+    assert bench.check_subsets(None) == list(declared)
+    try:
+        bench.check_subsets(["no-such-subset"])
+    except HarnessError:
+        pass
+    else:
+        raise AssertionError(f"{bench.id}: an unknown subset is not refused")
+    wanted = list(subsets) if subsets else [declared[0]]
+    data = bench.load(wanted)
+    assert isinstance(data, BenchmarkData), f"load returned a {type(data).__name__}"
+    frame = data.images
+    absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    assert not absent, f"{bench.id}: load() lacks the columns {absent}"
+    assert len(frame), f"{bench.id}: no images in subsets {wanted}"
+    found = set(frame["subset"].astype(str))
+    assert found <= set(wanted), f"{bench.id}: asked for {wanted}, got rows of {sorted(found)}"
+    assert str(frame["binary"].dtype) == "int8", f"binary is {frame['binary'].dtype}, expected int8"
+    assert set(np.unique(frame["binary"])) <= {0, 1}, "binary holds values other than 0/1"
+    assert str(frame["graded"].dtype) == "float64", f"graded is {frame['graded'].dtype}, expected float64"
+    graded = frame["graded"].to_numpy()
+    assert ((graded >= 0) & (graded <= 1)).all(), "graded leaves [0, 1]"
+    for col in ("prompt", "image"):
+        assert all(isinstance(v, str) and v for v in frame[col]), f"{col}: empty or not strings"
+    for col in (c for c in frame.columns if str(c).startswith("label_")):
+        assert np.issubdtype(frame[col].dtype, np.number), f"{col} is not numeric"
+    assert not frame.duplicated(["subset", "image"]).any(), "an image appears twice in a subset"
+    for key, values in data.contrastive.items():
+        assert isinstance(key, tuple) and len(key) == 2, f"contrastive key {key!r} is not (subset, prompt)"
+        assert isinstance(values, list) and all(isinstance(v, str) and v for v in values), (
+            f"contrastive prompts of {key!r} are not a list of strings"
+        )
+    reported = bench.reported(wanted)
+    absent = [c for c in ("subset", "method", "prompt") if c not in reported.columns]
+    assert not absent, f"{bench.id}: reported() lacks the columns {absent}"
+    return data

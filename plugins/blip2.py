@@ -23,6 +23,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.hf import (
     check_device,
+    checkpoint_files,
     commit_hash,
     load_config,
     quiet_transformers,
@@ -40,7 +41,11 @@ class BLIP2Reward(RewardModel):
 
     id: ClassVar[str] = "blip2"
     default_checkpoint: ClassVar[str] = "Salesforce/blip2-itm-vit-g"
-    preprocessing_version: ClassVar[str] = "1"
+    #: 2: images reach the image processor as opened, which converts them itself (transparency
+    #: composited onto white), as the original does.
+    preprocessing_version: ClassVar[str] = "2"
+    #: How many (image, prompt) pairs share an ITM forward pass does not change the numbers.
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "pair_batch_size"})
 
     def __init__(
         self,
@@ -58,9 +63,7 @@ class BLIP2Reward(RewardModel):
 
         if mode not in MODES:
             raise HarnessError(f"unknown BLIP-2 mode '{mode}'; choose one of {', '.join(MODES)}")
-        self.checkpoint = checkpoint or self.default_checkpoint
-        self.device = check_device(device)
-        self.dtype = dtype
+        super().__init__(checkpoint, check_device(device), dtype)
         self.batch_size = batch_size
         self.revision = revision
         self.mode = mode
@@ -79,13 +82,17 @@ class BLIP2Reward(RewardModel):
         self._torch = torch
 
     def preprocess(self, image: Any) -> Any:
-        """PIL image -> float32 ``[3, H, W]`` (BLIP normalisation, 224 px for ViT-g)."""
+        """PIL image as opened -> float32 ``[3, H, W]`` (BLIP normalisation, 224 px for ViT-g),
+        through the checkpoint's image processor, which converts the mode itself."""
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def preprocessor(self) -> Any:
         from harness.hf import ImageProcessorCall
 
         return ImageProcessorCall(self.image_processor)
+
+    def files(self) -> list[Any]:
+        return checkpoint_files(self.checkpoint, self.revision)
 
     def embed_images(self, batch: Any) -> Any:
         """``[B, 3, H, W]`` -> ``{"image_embeds": [B, 1 + patches, Dv]}`` (+ ``"query": [B, Q, D]``

@@ -21,6 +21,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.hf import (
     check_device,
+    checkpoint_files,
     commit_hash,
     load_config,
     quiet_transformers,
@@ -37,7 +38,9 @@ class CLIPReward(RewardModel):
     id: ClassVar[str] = "clip"
     default_checkpoint: ClassVar[str] = "openai/clip-vit-large-patch14"
     default_processor: ClassVar[str | None] = None  # None: the checkpoint's own processor
-    preprocessing_version: ClassVar[str] = "1"
+    #: 2: images reach the image processor as opened, which converts them itself (transparency
+    #: composited onto white), as the original does.
+    preprocessing_version: ClassVar[str] = "2"
     score_name: ClassVar[str] = "cosine"
     text_cache_size: ClassVar[int] = 65536
 
@@ -53,10 +56,8 @@ class CLIPReward(RewardModel):
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.checkpoint = checkpoint or self.default_checkpoint
+        super().__init__(checkpoint, check_device(device), dtype)
         self.processor_source = processor or self.default_processor or self.checkpoint
-        self.device = check_device(device)
-        self.dtype = dtype
         self.batch_size = batch_size
         self.revision = revision
         load_config(self.checkpoint, ("clip",), "CLIPModel", revision)
@@ -81,7 +82,9 @@ class CLIPReward(RewardModel):
 
     # -- the RewardModel contract ----------------------------------------------------------
     def preprocess(self, image: Any) -> Any:
-        """PIL image -> float32 ``[3, H, W]`` normalised pixels (the checkpoint's processor)."""
+        """PIL image as opened -> float32 ``[3, H, W]`` normalised pixels, through the
+        checkpoint's image processor (which converts the mode itself, as the original does:
+        transparency composited onto white)."""
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def preprocessor(self) -> Any:
@@ -106,6 +109,13 @@ class CLIPReward(RewardModel):
         col = {p: j for j, p in enumerate(distinct)}
         sims = sims.cpu().numpy()
         return [sims[i, [col[p] for p in ps]].astype(np.float32) for i, ps in enumerate(prompts)]
+
+    def files(self) -> list[Any]:
+        """The checkpoint's files and, when they come from elsewhere, the processor's."""
+        found = checkpoint_files(self.checkpoint, self.revision)
+        if self.processor_source != self.checkpoint:
+            found += checkpoint_files(self.processor_source)
+        return found
 
     # -- helpers ---------------------------------------------------------------------------
     def logit_scale(self) -> float:

@@ -16,9 +16,13 @@ for the table); loading is strict apart from the unused entries listed in
 
 Faithfulness notes (checked against ``ImageReward/ImageReward.py`` and ``models/BLIP/*.py``):
 
-- Image preprocessing: RGB, resize the short side to 224 with PIL bicubic (long side
-  ``int(224 * long / short)``), centre crop 224 (offsets rounded like torchvision), scale to
-  [0, 1], normalise with the CLIP mean/std. Implemented with PIL + numpy (no torchvision).
+- Image preprocessing, in the original's order (``Resize``, ``CenterCrop``, then
+  ``_convert_image_to_rgb``): resize the short side to 224 with PIL bicubic (long side
+  ``int(224 * long / short)``) on the image in its own mode (PIL resizes palette and 1-bit images
+  with nearest neighbour, and RGBA with premultiplied alpha), centre crop 224 (offsets rounded
+  like torchvision), only then ``convert("RGB")`` (no compositing: an RGBA image loses its
+  alpha), scale to [0, 1], normalise with the CLIP mean/std. Implemented with PIL + numpy (no
+  torchvision).
 - Text: bert-base-uncased tokenizer with ``[DEC]`` (bos) and ``[ENC]`` added (vocabulary 30524),
   truncated to 35 tokens. The original pads to 35; padding to the longest prompt of a batch gives
   the same numbers because padding is masked. As in the original ``score``, the sequence starts
@@ -203,7 +207,7 @@ class ImageRewardPreprocess:
         from PIL import Image
 
         size = self.size
-        img = image.convert("RGB")
+        img = image  # as opened: resized and cropped in its own mode, converted last
         w, h = img.size
         # torchvision Resize(int): the short side becomes `size`, the long side int(size * long / short)
         if w <= h:
@@ -215,7 +219,7 @@ class ImageRewardPreprocess:
         # torchvision CenterCrop: offsets int(round((dim - size) / 2))
         top = int(round((new_h - size) / 2.0))
         left = int(round((new_w - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
+        img = img.crop((left, top, left + size, top + size)).convert("RGB")
         pixels = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
         pixels = (pixels - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
@@ -443,7 +447,8 @@ class ImageReward(RewardModel):
 
     id: ClassVar[str] = "imagereward"
     default_checkpoint: ClassVar[str] = "ImageReward-v1.0"
-    preprocessing_version: ClassVar[str] = "1"
+    #: 2: images are resized and cropped in their own mode and converted to RGB last.
+    preprocessing_version: ClassVar[str] = "2"
     max_text_tokens: ClassVar[int] = MAX_TEXT_TOKENS
     reward_mean: ClassVar[float] = REWARD_MEAN
     reward_std: ClassVar[float] = REWARD_STD
@@ -476,9 +481,8 @@ class ImageReward(RewardModel):
 
         if batch_size < 1:
             raise HarnessError(f"batch size must be >= 1, got {batch_size}")
-        self.checkpoint = str(checkpoint or self.default_checkpoint)
-        self.device = check_device(device)
-        self.dtype = dtype
+        super().__init__(checkpoint, check_device(device), dtype)
+        self.checkpoint = str(self.checkpoint)
         self.batch_size = int(batch_size)
         self.revision = revision
         self.truncated_prompts = 0
@@ -545,7 +549,7 @@ class ImageReward(RewardModel):
 
     # -- the RewardModel contract ----------------------------------------------------------
     def preprocess(self, image: Any) -> Any:  # replaced per instance by ImageRewardPreprocess
-        """PIL image -> float32 ``[3, 224, 224]`` (resize, centre crop, CLIP normalisation)."""
+        """PIL image as opened -> float32 ``[3, 224, 224]`` (resize, centre crop, CLIP normalisation)."""
         return ImageRewardPreprocess(self.image_size)(image)
 
     def embed_images(self, batch: Any) -> Any:
@@ -608,6 +612,14 @@ class ImageReward(RewardModel):
                 t for t, ids in zip(fresh, lengths, strict=True) if len(ids) > self.max_text_tokens
             )
         self.truncated_prompts = len(self._truncated)
+
+    def files(self) -> list[Path]:
+        """ImageReward.pt, med_config.json and the tokenizer's files."""
+        from harness.hf import checkpoint_files
+
+        found = [self.weights_path, self.config_path]
+        found += [p for p in checkpoint_files(self.tokenizer_source) if p not in found]
+        return found
 
     # -- manifest --------------------------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ class OffsetColor(RewardModel):
     ray_runtime_env = {"env_vars": {"HARNESS_TEST_OFFSET": "7"}}
 
     def preprocess(self, image):
-        return np.asarray(image.resize((8, 8)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
     def embed_images(self, batch):
         return np.asarray(batch)[:, 0].mean(axis=(1, 2))

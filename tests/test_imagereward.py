@@ -335,7 +335,20 @@ def test_default_vision_config_is_vit_large_224():
         "layer_norm_eps": 1e-6,
     }
     assert ir.ImageRewardPreprocess()(Image.new("RGB", (300, 250))).shape == (3, 224, 224)
-    assert (ir.REWARD_MEAN, ir.REWARD_STD, ir.MAX_TEXT_TOKENS) == (MEAN, STD, 35)
+
+
+def test_rewards_are_the_head_output_standardised_with_the_published_constants(ckpt, images):
+    # The raw head output (mean 0, std 1 switched off), then the plugin's own standardisation:
+    # it must subtract the published mean and divide by the published std, in that order.
+    m = ir.ImageReward(str(ckpt))
+    feats = m.embed_images(torch.stack([m.preprocess(im) for im in images]))
+    prompts = [["a red apple", "cat"], ["the dog"], ["a blue tree", "small table", "a"]]
+    standardised = np.concatenate(m.score(feats, prompts))
+    m.reward_mean, m.reward_std = 0.0, 1.0
+    raw = np.concatenate(m.score(feats, prompts))
+    np.testing.assert_allclose(standardised, (raw - MEAN) / STD, atol=1e-6, rtol=0)
+    assert np.abs(raw - standardised).min() > 1e-3  # the standardisation does change them
+    assert m.max_text_tokens == 35
 
 
 def test_convert_state_dict_maps_every_original_key():
@@ -430,7 +443,7 @@ def test_describe(model, ckpt):
         info["checkpoint_sha256"]
         == hashlib.sha256((ckpt / "ImageReward.pt").read_bytes()).hexdigest()
     )
-    assert info["preprocessing_version"] == "1" and info["dtype"] == "float32"
+    assert info["preprocessing_version"] == "2" and info["dtype"] == "float32"
     assert info["tokenizer"] == str(ckpt / "tokenizer")
 
 
@@ -548,8 +561,8 @@ def test_registers_through_the_plugin_hook():
 
 
 def test_conformance_and_engine_with_workers(ckpt, images, tmp_path):
+    from harness.scoring import LocalExecutor, score_images
     from harness.scoring.specs import load_reward_model
-    from harness.scoring.runner import score_images
     from harness.testing import check_reward_model
 
     model = load_reward_model(f"imagereward:checkpoint={ckpt}", device="cpu")
@@ -559,6 +572,56 @@ def test_conformance_and_engine_with_workers(ckpt, images, tmp_path):
     for i, im in enumerate(images):
         paths.append(tmp_path / f"{i}.png")
         im.save(paths[-1])
-    run = score_images(model, paths, prompts, batch_size=2, num_workers=2)
+    run = score_images(model, paths, prompts, batch_size=2, executor=LocalExecutor(num_workers=2))
     for a, b in zip(run.scores, direct, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def ref_transform(image, size):
+    """The original ``_transform`` (torchvision Resize(size, BICUBIC), CenterCrop(size),
+    ``image.convert("RGB")``, ToTensor, Normalize(CLIP)), written out for PIL images: torchvision
+    resizes a PIL image with ``Image.resize`` in the image's own mode."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    rgb = resized.crop((left, top, left + size, top + size)).convert("RGB")
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def test_every_image_mode_scores_as_the_original_transform(ckpt, tmp_path):
+    from harness.scoring import LocalExecutor, parse_model_spec, score_images
+    from harness.scoring.specs import load_reward_model
+    from harness.testing import image_modes
+
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 256, (45, 38, 3), dtype=np.uint8))
+    modes = {"RGB": rgb, **{k: v for k, v in image_modes(rgb).items() if k != "LA"}}
+    paths = {}
+    for mode, im in modes.items():
+        paths[mode] = tmp_path / (f"{mode}.jpg" if mode == "CMYK" else f"{mode}.png")
+        im.save(paths[mode], **({"quality": 95} if mode == "CMYK" else {}))
+    prompts = ["a red apple", "a blue dog on the table"]
+    spec = parse_model_spec(f"imagereward:checkpoint={ckpt}")
+    model = load_reward_model(spec, device="cpu")
+    run = score_images(model, list(paths.values()), [prompts] * len(paths), spec=spec,
+                       executor=LocalExecutor(num_workers=1))
+    sd = original_state_dict()
+    tokenizer = make_tokenizer(ckpt.parent)
+    for (mode, path), got in zip(paths.items(), run.scores, strict=True):
+        with Image.open(path) as opened:
+            assert opened.mode == mode
+            pixels = ref_transform(opened, VISION["image_size"])
+        want = [ref_reward(sd, tokenizer, pixels, p) for p in prompts]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"mode {mode}")
+    # Converting to RGB before resizing (what the harness did before) scores palette images
+    # differently: PIL resizes them with nearest neighbour.
+    with Image.open(paths["P"]) as opened:
+        early = ref_transform(opened.convert("RGB"), VISION["image_size"])
+        late = ref_transform(opened, VISION["image_size"])
+    assert (early - late).abs().max() > 1e-2

@@ -10,12 +10,17 @@ import pytest
 from tiny_models import make_image_folder, make_tiny_clip
 
 from harness.errors import HarnessError
-from harness.scoring.specs import load_reward_model
-from harness.scoring.cache import ScoreCache
-from harness.scoring.runner import ScorePlan, score_images
+from harness.scoring import (
+    RayExecutor,
+    RayOptions,
+    ScoreCache,
+    load_reward_model,
+    parse_model_spec,
+    score_images,
+)
+from harness.scoring.plan import ScorePlan
 
 ray = pytest.importorskip("ray")
-from harness.scoring.ray import RayOptions  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 PROMPTS = ["a realistic photo of an airplane", "two airplanes", "three airplanes"]
@@ -41,41 +46,60 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_scores(ckpt, images):
-    model = load_reward_model(f"clip:checkpoint={ckpt}", device="cpu")
-    return score_images(model, images, [PROMPTS] * len(images), batch_size=4).scores
+def spec(ckpt):
+    return parse_model_spec(f"clip:checkpoint={ckpt}")
 
 
-def run_ray(model, images, options, batch_size=4, **kw):
-    return score_images(model, images, [PROMPTS] * len(images), batch_size=batch_size, executor="ray",
-                        ray_options=options, **kw)
+@pytest.fixture(scope="module")
+def local_scores(spec, images):
+    model = load_reward_model(spec, device="cpu")
+    return score_images(model, images, [PROMPTS] * len(images), spec=spec, batch_size=4).scores
 
 
-def test_same_scores_as_local(cluster, ckpt, images, local_scores):
-    model = load_reward_model(f"clip:checkpoint={ckpt}", device="cpu")
+def run_ray(model, spec, images, options, batch_size=4, **kw):
+    return score_images(model, images, [PROMPTS] * len(images), spec=spec, batch_size=batch_size,
+                        executor=RayExecutor(options), **kw)
+
+
+def test_same_scores_as_local(cluster, spec, images, local_scores):
+    model = load_reward_model(spec, device="cpu")
     for gpus in (1.0, 0.5):
-        run = run_ray(model, images, RayOptions(actors=2, gpus_per_actor=gpus))
+        run = run_ray(model, spec, images, RayOptions(actors=2, gpus_per_actor=gpus))
         assert run.computed == 3 * len(images) and not run.failed
+        assert run.executor_info["name"] == "ray" and run.executor_info["options"]["actors"] == 2
         for a, b in zip(run.scores, local_scores, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_images_reach_preprocess_as_opened_on_ray_too(cluster, spec, tmp_path):
+    from PIL import Image
+
+    from harness.testing import image_modes
+
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    paths = []
+    for mode, im in image_modes(rgb).items():
+        paths.append(tmp_path / (f"{mode}.jpg" if mode == "CMYK" else f"{mode}.png"))
+        im.save(paths[-1])
+    model = load_reward_model(spec, device="cpu")
+    local = score_images(model, paths, [PROMPTS] * len(paths), spec=spec)
+    remote = score_images(model, paths, [PROMPTS] * len(paths), spec=spec,
+                          executor=RayExecutor(RayOptions(actors=1, gpus_per_actor=0)))
+    assert not remote.failed and remote.computed == 3 * len(paths)
+    for a, b in zip(remote.scores, local.scores, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("gpus,expected", [(1.0, ["0", "1"]), (0.5, None)])
-def test_actor_placement_on_logical_gpus(cluster, images, monkeypatch, gpus, expected):
+def test_actor_placement_on_logical_gpus(cluster, images, gpus, expected):
     import ray_models
 
     ray.cloudpickle.register_pickle_by_value(ray_models)
-    seen = {}
-    real_finish = ScorePlan.finish
-
-    def finish(self):
-        seen.update(getattr(self, "placement", {}))
-        return real_finish(self)
-
-    monkeypatch.setattr(ScorePlan, "finish", finish)
     model = ray_models.SlowColor()
-    run = score_images(model, images, [["x"]] * len(images), batch_size=2, executor="ray",
-                       ray_options=RayOptions(actors=2, gpus_per_actor=gpus, factory=ray_models.SlowColor))
+    options = RayOptions(actors=2, gpus_per_actor=gpus, factory=ray_models.SlowColor)
+    run = score_images(model, images, [["x"]] * len(images), batch_size=2,
+                       executor=RayExecutor(options))
+    seen = run.executor_info["placement"]
     assert run.computed == len(images)
     assert len(seen) == 2  # both actors of the pool did work
     if expected:  # one whole logical GPU each: GPUs 0 and 1
@@ -84,8 +108,8 @@ def test_actor_placement_on_logical_gpus(cluster, images, monkeypatch, gpus, exp
         assert all(g in {"0", "1"} for g in seen.values())
 
 
-def test_shared_cache_and_driver_resume(cluster, ckpt, images, local_scores, tmp_path, monkeypatch):
-    model = load_reward_model(f"clip:checkpoint={ckpt}", device="cpu")
+def test_shared_cache_and_driver_resume(cluster, spec, images, local_scores, tmp_path, monkeypatch):
+    model = load_reward_model(spec, device="cpu")
     cache = ScoreCache(tmp_path / "scores.sqlite")
     real_accept = ScorePlan.accept
     calls = {"n": 0}
@@ -98,16 +122,16 @@ def test_shared_cache_and_driver_resume(cluster, ckpt, images, local_scores, tmp
 
     monkeypatch.setattr(ScorePlan, "accept", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        run_ray(model, images, RayOptions(actors=1), cache=cache)
+        run_ray(model, spec, images, RayOptions(actors=1), cache=cache)
     monkeypatch.setattr(ScorePlan, "accept", real_accept)
     kept = cache.count()
     assert 0 < kept < 3 * len(images)
-    resumed = run_ray(model, images, RayOptions(actors=1), cache=cache)
+    resumed = run_ray(model, spec, images, RayOptions(actors=1), cache=cache)
     assert resumed.cached == kept and resumed.computed == 3 * len(images) - kept
     for a, b in zip(resumed.scores, local_scores, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     # The local executor reads what Ray wrote: nothing left to compute.
-    again = score_images(model, images, [PROMPTS] * len(images), cache=cache)
+    again = score_images(model, images, [PROMPTS] * len(images), spec=spec, cache=cache)
     assert again.computed == 0
 
 
@@ -117,8 +141,8 @@ def test_runtime_env_of_a_plugin(cluster, images, tmp_path):
     ray.cloudpickle.register_pickle_by_value(ray_models)
     model = ray_models.OffsetColor()
     local = score_images(model, images[:6], [["x", "y"]] * 6)
-    remote = score_images(model, images[:6], [["x", "y"]] * 6, executor="ray",
-                          ray_options=RayOptions(factory=ray_models.OffsetColor))
+    remote = score_images(model, images[:6], [["x", "y"]] * 6,
+                          executor=RayExecutor(RayOptions(factory=ray_models.OffsetColor)))
     for a, b in zip(remote.scores, local.scores, strict=True):
         np.testing.assert_allclose(a, b + 7, atol=1e-6)  # the actor saw the plugin's env var
 
@@ -126,8 +150,8 @@ def test_runtime_env_of_a_plugin(cluster, images, tmp_path):
     cache = ScoreCache(tmp_path / "scores.sqlite")
     score_images(broken, images[:3], [["x"]] * 3, cache=cache)  # scored earlier, locally
     with pytest.raises(HarnessError, match="could not build the runtime_env of reward model 'broken-env'"):
-        score_images(broken, images[:6], [["x"]] * 6, executor="ray", cache=cache,
-                     ray_options=RayOptions(factory=partial(ray_models.BrokenEnv)))
+        score_images(broken, images[:6], [["x"]] * 6, cache=cache,
+                     executor=RayExecutor(RayOptions(factory=partial(ray_models.BrokenEnv))))
     assert cache.count() == 3  # nothing already computed is lost
 
 
@@ -158,7 +182,9 @@ def test_no_cluster_at_the_address(tmp_path, images, ckpt):
     )
     assert result.returncode == 2
     assert "Error: no Ray cluster at 127.0.0.1:1" in result.stderr
-    with pytest.raises(HarnessError, match="need --executor ray"):
-        from harness.cli import _ray_options
+    from harness.cli.options import build_executor
 
-        _ray_options("local", None, 2, None)
+    with pytest.raises(HarnessError, match="need --executor ray"):
+        build_executor("local", 0, None, 2, None)
+    with pytest.raises(HarnessError, match="--actors must be >= 1"):
+        build_executor("ray", 0, None, 0, None)

@@ -6,14 +6,18 @@ import numpy as np
 import pytest
 from tiny_models import make_image_folder, make_tiny_clip
 
-from harness.scoring.specs import load_reward_model
-from harness.scoring.cache import ScoreCache
-from harness.scoring.runner import ScorePlan, score_images
+from harness.scoring import (
+    RayExecutor,
+    RayOptions,
+    ScoreCache,
+    load_reward_model,
+    parse_model_spec,
+    score_images,
+)
+from harness.scoring.plan import ScorePlan
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
-
-from harness.scoring.ray import RayOptions  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 PROMPTS = ["a realistic photo of an airplane", "two airplanes"]
@@ -36,7 +40,8 @@ def test_worker_node_lost_mid_run(cluster, tmp_path, monkeypatch):
     c, workers = cluster
     ckpt = make_tiny_clip(tmp_path / "clip")
     images = make_image_folder(tmp_path / "img", 32, seed=11)
-    model = load_reward_model(f"clip:checkpoint={ckpt}", device="cpu")
+    spec = parse_model_spec(f"clip:checkpoint={ckpt}")
+    model = load_reward_model(spec, device="cpu")
     reference = score_images(model, images, [PROMPTS] * len(images), batch_size=4).scores
 
     real_accept = ScorePlan.accept
@@ -45,7 +50,7 @@ def test_worker_node_lost_mid_run(cluster, tmp_path, monkeypatch):
 
     def accept(self, ids, results, bad=()):
         state["batches"] += 1
-        placement.update(getattr(self, "placement", {}))
+        placement.update(self.run.executor_info.get("placement", {}))
         if state["batches"] == 2 and not state["removed"]:
             # Remove the worker node that hosts a model actor, while it is still busy.
             actor_nodes = {where.split(":")[0] for where in placement}
@@ -56,8 +61,8 @@ def test_worker_node_lost_mid_run(cluster, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ScorePlan, "accept", accept)
     cache = ScoreCache(tmp_path / "scores.sqlite")
-    run = score_images(model, images, [PROMPTS] * len(images), batch_size=4, executor="ray",
-                       cache=cache, ray_options=RayOptions(actors=2, gpus_per_actor=0.5))
+    run = score_images(model, images, [PROMPTS] * len(images), spec=spec, batch_size=4, cache=cache,
+                       executor=RayExecutor(RayOptions(actors=2, gpus_per_actor=0.5)))
     assert state["removed"]
     assert not run.failed
     assert run.computed == 2 * len(images)  # every (image, prompt) once, whatever was retried

@@ -47,8 +47,10 @@ def test_conformance(spec, ckpts, images):
     assert flat.std() > 0  # not constant
     if spec == "blip2":
         assert ((flat >= 0) & (flat <= 1)).all()  # a probability
-    else:
-        assert ((flat >= -1) & (flat <= 1)).all() or name == "pickscore"
+    elif name == "pickscore":  # exp(logit_scale) = 100 times a cosine: |score| <= 100, not <= 1
+        assert (np.abs(flat) <= 100 * (1 + 1e-5)).all() and np.abs(flat).max() > 1
+    else:  # a cosine
+        assert ((flat >= -1) & (flat <= 1)).all()
 
 
 def _where(name, ckpts):
@@ -158,11 +160,55 @@ def test_model_specs():
 
 
 def test_cache_key_covers_every_setting(ckpts):
-    from harness.scoring.runner import model_cache_key
+    from harness.scoring.plan import key_parts, model_cache_key
 
-    base = load_reward_model(f"blip2:checkpoint={ckpts['blip2']}", device="cpu")
-    longer = load_reward_model(f"blip2:checkpoint={ckpts['blip2']},max_text_tokens=64,label=b", device="cpu")
-    itc = load_reward_model(f"blip2:checkpoint={ckpts['blip2']},mode=itc", device="cpu")
-    keys = {model_cache_key(m) for m in (base, longer, itc)}
-    assert len(keys) == 3
-    assert longer.harness_spec.options == {"checkpoint": str(ckpts["blip2"]), "max_text_tokens": 64, "label": "b"}
+    specs = [parse_model_spec(f"blip2:checkpoint={ckpts['blip2']}{extra}")
+             for extra in ("", ",max_text_tokens=64,label=b", ",mode=itc", ",mode=itm,pair_batch_size=8")]
+    models = [load_reward_model(spec, device="cpu") for spec in specs]
+    keys = [model_cache_key(m, spec) for m, spec in zip(models, specs, strict=True)]
+    assert len(set(keys[:3])) == 3
+    # mode=itm is the default, and pair_batch_size is one of BLIP-2's runtime options.
+    assert keys[3] == keys[0]
+    parts = key_parts(models[0], specs[0])
+    assert parts["options"]["mode"] == "itm" and parts["options"]["max_text_tokens"] == 32
+    assert "device" not in parts["options"] and "batch_size" not in parts["options"]
+    half = load_reward_model(specs[0], device="cpu", dtype="bfloat16")
+    assert model_cache_key(half, specs[0]) != keys[0]
+    assert not hasattr(models[0], "harness_spec") and not hasattr(models[0], "harness_dtype")
+
+
+def test_files_list_what_the_models_load(ckpts):
+    clip = load_reward_model(f"clip:checkpoint={ckpts['clip']}", device="cpu")
+    assert {p.name for p in clip.files()} == {p.name for p in ckpts["clip"].iterdir()}
+    pick = load_reward_model(f"pickscore:{_where('pickscore', ckpts)}", device="cpu")
+    assert len(pick.files()) == len(clip.files())  # processor == checkpoint: listed once
+    mixed = load_reward_model(f"pickscore:checkpoint={ckpts['pickscore']},processor={ckpts['clip']}",
+                              device="cpu")
+    assert {p.parent for p in mixed.files()} == {ckpts["pickscore"], ckpts["clip"]}
+    blip = load_reward_model(f"blip2:checkpoint={ckpts['blip2']}", device="cpu")
+    assert ckpts["blip2"] / "_vocab" / "vocab.txt" in blip.files()
+    assert ckpts["blip2"] / "model.safetensors" in blip.files()
+
+
+def test_hub_ids_list_their_snapshot_files(tmp_path, monkeypatch):
+    from harness.hf import checkpoint_files
+
+    snapshot = tmp_path / "hub" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_text(name)
+    (snapshot / ".gitattributes").write_text("x")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, local_files_only=False, **kw):
+        calls.append((repo_id, revision, local_files_only))
+        if repo_id != "org/model":
+            raise FileNotFoundError(repo_id)
+        return str(snapshot)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert [p.name for p in checkpoint_files("org/model", "v1")] == ["config.json", "model.safetensors"]
+    assert calls == [("org/model", "v1", True)]  # never downloads
+    assert checkpoint_files("org/missing") == []

@@ -37,14 +37,25 @@ def model_options(fn):
     return fn
 
 
-def ray_options(executor: str, address: str | None, actors: int, gpus_per_actor: float | None) -> Any:
+def build_executor(executor: str, workers: int, address: str | None, actors: int,
+                   gpus_per_actor: float | None) -> Any:
+    """The :class:`~harness.scoring.executors.Executor` the ``--executor``, ``--workers``,
+    ``--address``, ``--actors`` and ``--gpus-per-actor`` flags describe."""
+    if workers < 0:
+        raise HarnessError(f"--workers must be >= 0, got {workers}")
     if executor != "ray":
         if address is not None or actors != 1 or gpus_per_actor is not None:
             raise HarnessError("--address, --actors and --gpus-per-actor need --executor ray")
-        return None
-    from harness.scoring.ray import RayOptions
+        from harness.scoring.executors import LocalExecutor
 
-    return RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
+        return LocalExecutor(num_workers=workers)
+    if actors < 1:
+        raise HarnessError(f"--actors must be >= 1, got {actors}")
+    if gpus_per_actor is not None and gpus_per_actor < 0:
+        raise HarnessError(f"--gpus-per-actor must be >= 0, got {gpus_per_actor}")
+    from harness.scoring.ray import RayExecutor, RayOptions
+
+    return RayExecutor(RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor))
 
 
 def print_comparisons(comparisons: Any) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from harness.cli.options import model_options, print_failures, ray_options
+from harness.cli.options import build_executor, model_options, print_failures
 from harness.cli.root import cli
 from harness.errors import HarnessError
 
@@ -32,31 +32,23 @@ def score_command(
     import pandas as pd
 
     from harness.io import write_text
-    from harness.scoring.cache import open_score_cache
-    from harness.scoring.runner import score_images
-    from harness.scoring.specs import load_reward_model, parse_model_spec
+    from harness.scoring.runner import score_models
 
     if not models:
         raise HarnessError("give at least one --model (see `harness models`)")
+    run_on = build_executor(executor, workers, address, actors, gpus_per_actor)
     paths, per_image = _score_inputs(images, prompts, pairs)
-    store = open_score_cache(False if no_cache else (cache or True))
+    results = score_models(models, paths, per_image, device=device, dtype=dtype,
+                           cache=False if no_cache else (cache or True), batch_size=batch_size,
+                           progress=not as_json, executor=run_on)
     records, failed = [], {}
-    try:
-        for text in models:
-            spec = parse_model_spec(text)
-            model = load_reward_model(spec, device=device, dtype=dtype)
-            run = score_images(model, paths, per_image, cache=store, batch_size=batch_size,
-                               num_workers=workers, progress=not as_json, executor=executor,
-                               ray_options=ray_options(executor, address, actors, gpus_per_actor))
-            failed.update(run.failed)
-            for path, ps, values in zip(paths, per_image, run.scores, strict=True):
-                if values is None:
-                    continue
-                records += [{"image": path, "prompt": p, "model": spec.label, "score": float(v)}
-                            for p, v in zip(ps, values, strict=True)]
-    finally:
-        if store is not None:
-            store.close()
+    for result in results:
+        failed.update(result.run.failed)
+        for path, ps, values in zip(paths, per_image, result.run.scores, strict=True):
+            if values is None:
+                continue
+            records += [{"image": path, "prompt": p, "model": result.label, "score": float(v)}
+                        for p, v in zip(ps, values, strict=True)]
     frame = pd.DataFrame(records, columns=["image", "prompt", "model", "score"])
     if out is not None:
         write_text(out, frame.to_csv(index=False))

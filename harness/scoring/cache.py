@@ -1,7 +1,8 @@
 """A persistent score cache in SQLite (WAL mode).
 
-Keyed by (model key, image content hash, prompt), where the model key names the model id,
-checkpoint and revision (or file hash), preprocessing version, dtype and variant. Rows are
+Keyed by (model key, image content hash, prompt), where the model key is the core's
+(:func:`harness.scoring.plan.model_cache_key`: resolved spec options, dtype, plugin distribution
+and version, plugin source, content hashes of the model's files, preprocessing version). Rows are
 committed after every batch, so a killed run keeps everything scored before it died and a re-run
 computes only what is missing.
 """

@@ -10,7 +10,7 @@ A Ray Data pipeline with two stages:
    CPU stage is never starved of cores: actors holding every CPU deadlock the reads).
 
 Scores stream back to the driver, which alone writes the SQLite score cache through the same
-:class:`~harness.scoring.ScorePlan` as the local executor: nothing cached is sent to the cluster,
+:class:`~harness.scoring.plan.ScorePlan` as the local executor: nothing cached is sent to the cluster,
 every batch is committed as it arrives (a killed driver resumes from the cache), and an image
 delivered twice by a retried task is recorded once. Actors and tasks lost with a node are retried
 by Ray (``max_restarts``/``max_task_retries``). A model class may declare ``ray_runtime_env``
@@ -42,7 +42,7 @@ class RayOptions:
     :param gpus_per_actor: GPUs per model actor (fractional allowed: 0.25 puts four on one GPU).
     :param cpus_per_actor: CPUs reserved per model actor (keep it small; see the module docs).
     :param factory: a picklable zero-argument callable that builds the model inside an actor; by
-        default the model spec is rebuilt through the plugin registry.
+        default the actor loads the run's model spec (a value) through the plugin registry.
     """
 
     address: str | None = None
@@ -94,21 +94,22 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 
 def _read(batch: dict[str, np.ndarray], preprocess: Any) -> dict[str, Any]:
-    """CPU stage: decode and preprocess; failures travel as an error string."""
-    from PIL import Image
+    """CPU stage: decode (as opened, no conversion) and preprocess; failures travel as a string."""
+    from harness.scoring.runner import decode_and_preprocess
 
     pixels, errors = [], []
     for path in batch["path"]:
-        try:
-            with Image.open(str(path)) as img:
-                img.load()
-                x = preprocess(img.convert("RGB"))
-            x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-            pixels.append(np.ascontiguousarray(x, dtype=np.float32))
-            errors.append("")
-        except Exception as exc:  # noqa: BLE001 - name any decode failure
-            pixels.append(np.zeros((0,), dtype=np.float32))
-            errors.append(f"{type(exc).__name__}: {exc}")
+        x, err = decode_and_preprocess(str(path), preprocess)
+        if err is None:
+            try:
+                x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+                pixels.append(np.ascontiguousarray(x, dtype=np.float32))
+                errors.append("")
+                continue
+            except Exception as exc:  # noqa: BLE001 - an input Ray cannot carry as an array
+                err = f"{type(exc).__name__}: {exc}"
+        pixels.append(np.zeros((0,), dtype=np.float32))
+        errors.append(err)
     return {"i": batch["i"], "prompts": batch["prompts"], "pixels": pixels, "error": np.array(errors)}
 
 
@@ -131,10 +132,10 @@ class _ModelActor:
         if good:
             pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][k]) for k in good]))
             prompts = [json.loads(batch["prompts"][k]) for k in good]
-            from harness.scoring.runner import _run_with_backoff
+            from harness.scoring.runner import run_with_backoff
 
             # Out-of-memory on the actor's GPU halves the batch, as in the local executor.
-            for k, values in zip(good, _run_with_backoff(self.model, pixels, prompts), strict=True):
+            for k, values in zip(good, run_with_backoff(self.model, pixels, prompts), strict=True):
                 if hasattr(values, "detach"):
                     values = values.detach().float().cpu().numpy()
                 scores[k] = json.dumps(np.asarray(values, dtype=np.float64).tolist())
@@ -143,21 +144,11 @@ class _ModelActor:
                 "actor": np.array([self.where] * n), "gpus": np.array([self.gpus] * n)}
 
 
-def default_factory(model: Any) -> Callable[[], Any]:
-    """Rebuild ``model`` inside an actor from the spec it was loaded with (plugin registry)."""
+def spec_factory(spec: Any, dtype: str | None) -> Callable[[], Any]:
+    """A picklable factory building the model of ``spec`` (a value) inside an actor."""
     from functools import partial
 
-    spec = getattr(model, "harness_spec", None)
-    if spec is None:
-        # Rebuilding from the id alone could drop settings (mode, text length, processor) and
-        # cache another model's scores under this model's key.
-        raise HarnessError(
-            f"reward model '{getattr(model, 'id', type(model).__name__)}' was not built by "
-            "load_reward_model, so Ray actors cannot rebuild it: load it with "
-            "harness.scoring.specs.load_reward_model or pass RayOptions(factory=...)"
-        )
-    dtype = getattr(model, "harness_dtype", None) or getattr(model, "dtype", None)
-    return partial(_load_in_actor, spec, dtype if isinstance(dtype, str) else None)
+    return partial(_load_in_actor, spec, dtype)
 
 
 def _load_in_actor(spec: Any, dtype: str | None) -> Any:
@@ -169,63 +160,103 @@ def _load_in_actor(spec: Any, dtype: str | None) -> Any:
     return load_reward_model(spec, device=device, dtype=dtype or "auto")
 
 
-def ray_batches(model: Any, plan: Any, batch_size: int, options: RayOptions | None
-                ) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
-    """Yield ``(indices, score arrays, failures)`` batches computed on Ray."""
-    options = options or RayOptions()
-    if options.actors < 1:
-        raise HarnessError(f"--actors must be >= 1, got {options.actors}")
-    if options.gpus_per_actor is not None and options.gpus_per_actor < 0:
-        raise HarnessError(f"--gpus-per-actor must be >= 0, got {options.gpus_per_actor}")
-    ray = connect(options)
-    gpus = options.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    from ray.data import ActorPoolStrategy
+class RayExecutor:
+    """Scores on a Ray cluster (see the module docs); implements the
+    :class:`~harness.scoring.executors.Executor` protocol.
 
-    runtime_env = options.runtime_env or getattr(type(model), "ray_runtime_env", None)
-    factory = options.factory or default_factory(model)
-    items = [{"i": i, "path": plan.paths[i], "prompts": json.dumps(plan.prompts[i])} for i in plan.todo]
-    blocks = max(1, min(len(items), (len(items) + batch_size - 1) // batch_size))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(_read, fn_kwargs={"preprocess": model.preprocessor()},
-                        batch_size=batch_size, num_cpus=options.read_cpus, batch_format="numpy")
-    # Actor restarts are not a named map_batches parameter: they go through ray_remote_args.
-    remote_args: dict[str, Any] = {"max_restarts": options.max_restarts,
-                                   "max_task_retries": options.max_restarts}
-    ds = ds.map_batches(
-        _ModelActor,
-        fn_constructor_kwargs={"factory": factory},
-        compute=ActorPoolStrategy(size=options.actors),
-        batch_size=batch_size,
-        num_gpus=gpus,
-        num_cpus=options.cpus_per_actor,
-        batch_format="numpy",
-        runtime_env=runtime_env or None,
-        **remote_args,
-    )
-    plan.placement = {}
-    try:
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ids, results, bad = [], [], []
-            for i, scores, err, actor, gpus in zip(out["i"], out["scores"], out["error"],
-                                                   out["actor"], out["gpus"], strict=True):
-                i = int(i)
-                plan.placement.setdefault(str(actor), str(gpus))
-                if err:
-                    bad.append((i, str(err)))
-                else:
-                    ids.append(i)
-                    results.append(np.asarray(json.loads(str(scores)), dtype=np.float64))
-            yield ids, results, bad
-    except HarnessError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Ray wraps failures in its own types
-        name = type(exc).__name__
-        text = str(exc)
-        if "RuntimeEnvSetupError" in name or "RuntimeEnvSetupError" in text or "runtime_env" in text:
-            raise HarnessError(
-                f"Ray could not build the runtime_env of reward model '{plan.model_name}' "
-                f"({json.dumps(runtime_env)}); scores finished so far are in the cache"
-            ) from exc
-        raise
+    Actors build the model from the plan's spec (sent as a value, with the dtype the driver's
+    model runs in) unless ``options.factory`` is given. ``ScoreRun.executor_info["placement"]``
+    maps each actor (``node:pid``) to the GPU ids Ray gave it.
+    """
+
+    name = "ray"
+
+    def __init__(self, options: RayOptions | None = None):
+        self.options = options or RayOptions()
+        if self.options.actors < 1:
+            raise HarnessError(f"actors must be >= 1, got {self.options.actors}")
+        if self.options.gpus_per_actor is not None and self.options.gpus_per_actor < 0:
+            raise HarnessError(f"gpus_per_actor must be >= 0, got {self.options.gpus_per_actor}")
+
+    def describe(self) -> dict[str, Any]:
+        o = self.options
+        return {"name": self.name,
+                "options": {"address": o.address, "actors": o.actors,
+                            "gpus_per_actor": o.gpus_per_actor, "cpus_per_actor": o.cpus_per_actor,
+                            "read_cpus": o.read_cpus, "max_restarts": o.max_restarts,
+                            "factory": None if o.factory is None else repr(o.factory)}}
+
+    def __repr__(self) -> str:
+        return f"RayExecutor({self.options!r})"
+
+    def batches(self, model: Any, plan: Any, batch_size: int
+                ) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
+        """Yield ``(indices, score arrays, failures)`` batches computed on Ray."""
+        options = self.options
+        factory = options.factory
+        if factory is None:
+            if plan.spec is None:
+                # Rebuilding from the id alone could drop settings (mode, text length, processor)
+                # and cache another model's scores under this model's key.
+                raise HarnessError(
+                    f"Ray actors cannot rebuild reward model '{plan.model_name}': pass its spec "
+                    "(score_images(..., spec=parse_model_spec(...)), or use score_models) or "
+                    "RayOptions(factory=...)"
+                )
+            spec = type(plan.spec)(plan.spec.name, {k: v for k, v in plan.spec.options.items()
+                                                    if k not in {"device", "dtype"}})
+            factory = spec_factory(spec, plan.dtype)
+        ray = connect(options)
+        gpus = options.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        from ray.data import ActorPoolStrategy
+
+        runtime_env = options.runtime_env or getattr(type(model), "ray_runtime_env", None)
+        items = [{"i": i, "path": plan.paths[i], "prompts": json.dumps(plan.prompts[i])}
+                 for i in plan.todo]
+        blocks = max(1, min(len(items), (len(items) + batch_size - 1) // batch_size))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(_read, fn_kwargs={"preprocess": model.preprocessor()},
+                            batch_size=batch_size, num_cpus=options.read_cpus, batch_format="numpy")
+        # Actor restarts are not a named map_batches parameter: they go through ray_remote_args.
+        remote_args: dict[str, Any] = {"max_restarts": options.max_restarts,
+                                       "max_task_retries": options.max_restarts}
+        ds = ds.map_batches(
+            _ModelActor,
+            fn_constructor_kwargs={"factory": factory},
+            compute=ActorPoolStrategy(size=options.actors),
+            batch_size=batch_size,
+            num_gpus=gpus,
+            num_cpus=options.cpus_per_actor,
+            batch_format="numpy",
+            runtime_env=runtime_env or None,
+            **remote_args,
+        )
+        placement: dict[str, str] = plan.run.executor_info.setdefault("placement", {})
+        plan.run.executor_info["gpus_per_actor"] = gpus
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                ids, results, bad = [], [], []
+                for i, scores, err, actor, gpu_ids in zip(out["i"], out["scores"], out["error"],
+                                                          out["actor"], out["gpus"], strict=True):
+                    i = int(i)
+                    placement.setdefault(str(actor), str(gpu_ids))
+                    if err:
+                        bad.append((i, str(err)))
+                    else:
+                        ids.append(i)
+                        results.append(np.asarray(json.loads(str(scores)), dtype=np.float64))
+                yield ids, results, bad
+        except HarnessError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray wraps failures in its own types
+            name = type(exc).__name__
+            text = str(exc)
+            if ("RuntimeEnvSetupError" in name or "RuntimeEnvSetupError" in text
+                    or "runtime_env" in text):
+                raise HarnessError(
+                    f"Ray could not build the runtime_env of reward model '{plan.model_name}' "
+                    f"({json.dumps(runtime_env)}); scores finished so far are in the cache"
+                ) from exc
+            raise

@@ -2,8 +2,11 @@
 
 A spec is ``NAME`` or ``NAME:key=value,key=value`` (e.g. ``blip2:mode=itc`` or
 ``clip:checkpoint=/models/clip-l``). Keys are the model class's constructor arguments (unknown
-keys are rejected with the list of accepted ones), plus ``label=`` to name the leaderboard row. ``device`` and ``dtype`` given separately apply
-to every model that does not set its own.
+keys are rejected with the list of accepted ones), plus ``label=`` to name the leaderboard row.
+``device`` and ``dtype`` given separately apply to every model that does not set its own.
+
+A :class:`ModelSpec` is a plain value: it is what the score cache keys on (with the constructor's
+defaults filled in) and what a Ray actor receives to build the same model.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ class ModelSpec:
         if not shown:
             return self.name
         return f"{self.name}[{','.join(f'{k}={v}' for k, v in sorted(shown.items()))}]"
+
+    @property
+    def text(self) -> str:
+        """The spec written back as ``NAME:key=value,...``."""
+        if not self.options:
+            return self.name
+        return f"{self.name}:{','.join(f'{k}={v}' for k, v in self.options.items())}"
 
 
 def _coerce(value: str) -> Any:
@@ -108,9 +118,4 @@ def load_reward_model(
         kwargs["device"] = device
     if "dtype" in params or accepts_any:
         kwargs["dtype"] = dtype
-    model = cls(**kwargs)
-    # How to build this model again elsewhere (a Ray actor): the spec, less where it runs.
-    model.harness_spec = ModelSpec(spec.name, {k: v for k, v in spec.options.items()
-                                               if k not in {"device", "dtype"}})
-    model.harness_dtype = dtype
-    return model
+    return cls(**kwargs)
