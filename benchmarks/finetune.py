@@ -139,9 +139,10 @@ def main() -> None:
     import torch
     from brightness_reward import brightness  # the tests' planted reward (tests/ is on sys.path)
 
-    from harness_plugins.sd.config import DDPOConfig, SFTConfig, load_config
-    from harness_plugins.sd.diffusion import load_pipeline
+    from harness.config import load_config
+    from harness_plugins.sd.config import DDPOConfig, SFTConfig
     from harness_plugins.sd.ddpo import DDPOTrainer
+    from harness_plugins.sd.diffusion import load_pipeline
     from harness_plugins.sd.sft import SFTTrainer
 
     steps = args.steps or (50 if args.arch == "sd21" else 8)

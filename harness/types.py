@@ -361,12 +361,13 @@ class FineTuner(ABC):
         reward: Callable[[Sequence[Any], Sequence[str]], Any],
         *,
         progress: bool = False,
-        on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None,
+        on_checkpoint: Callable[[Path | None, dict[str, Any]], None] | None = None,
     ) -> FineTuneResult:
         """Train; ``reward(images, prompts) -> float64 [B]``.
 
-        :param on_checkpoint: called with each checkpoint folder and the epoch's log after it is
-            written (Ray Train reports it).
+        :param on_checkpoint: called after every epoch, on every worker, with the checkpoint
+            folder this worker wrote for it (None when it wrote none) and the epoch's log (Ray
+            Train reports it; under Ray every worker must call it for every epoch).
         """
 
     def check_workers(self, config: FineTuneSettings, workers: int) -> None:

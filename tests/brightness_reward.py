@@ -1,4 +1,9 @@
-"""A planted reward for fine-tuning tests: mean image brightness in [0, 1]."""
+"""A planted reward for fine-tuning tests: mean image brightness in [0, 1].
+
+Also the Ray Train tests' instrumented fine-tuners: the SD fine-tuners with a trainer that runs
+a test hook after every epoch on every worker (before the epoch is reported to Ray Train). They
+travel to the workers by value (the tests register this module for pickling by value).
+"""
 
 import numpy as np
 
@@ -35,3 +40,21 @@ def die_once(trainer):
     if trainer.rank == 1 and trainer.epoch_done == 2 and not marker.exists():
         marker.write_text("worker 1 killed at epoch 2\n")
         os._exit(1)
+
+
+def instrumented(tuner_cls, hook):
+    """``tuner_cls`` whose trainer calls ``hook(trainer)`` after every epoch, before reporting."""
+    base = tuner_cls.trainer_class
+
+    class Trainer(base):
+        def after_epoch(self, saved, logs):
+            hook(self)
+            super().after_epoch(saved, logs)
+
+    class Tuner(tuner_cls):
+        trainer_class = Trainer
+
+    Trainer.__name__ = Trainer.__qualname__ = f"Instrumented{base.__name__}"
+    Tuner.__name__ = Tuner.__qualname__ = f"Instrumented{tuner_cls.__name__}"
+    return Tuner()
+

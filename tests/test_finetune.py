@@ -11,8 +11,10 @@ import pytest
 import torch
 from tiny_models import TEST_CACHE, make_tiny_sd
 
+from harness.config import load_config
 from harness.errors import HarnessError
-from harness_plugins.sd.config import DDPOConfig, SFTConfig, load_config
+from harness_plugins.sd.config import DDPOConfig, SFTConfig
+from harness_plugins.sd.ddpo import DDPOTrainer
 from harness_plugins.sd.diffusion import (
     ddim_step_with_logprob,
     encode_prompts,
@@ -21,7 +23,6 @@ from harness_plugins.sd.diffusion import (
     sample_with_logprob,
     unet_guided,
 )
-from harness_plugins.sd.ddpo import DDPOTrainer
 from harness_plugins.sd.sft import SFTTrainer
 
 pytestmark = pytest.mark.timeout(900)
@@ -149,6 +150,7 @@ def test_ddpo_update_follows_the_planted_reward(sd, tmp_path):
     assert np.corrcoef(changes["bright"], changes["dark"])[0, 1] < -0.3
 
 
+@pytest.mark.slow
 def test_ddpo_raises_the_planted_reward_on_fresh_samples(sd_vae, tmp_path):
     """With image brightness as the reward, DDPO makes the model's images brighter over a few
     iterations; with its negation, darker. Judged by the overoptimization monitor on 16 fixed
@@ -226,6 +228,7 @@ def test_lora_weights_save_and_load(sd, tmp_path):
     assert not torch.allclose(base["images"], trained["images"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sft_v_prediction_and_monitor_selection(sd_v, tmp_path):
     cfg = config(SFTConfig, sd_v, tmp_path / "sft", images_per_prompt=5, keep_fraction=0.2,
                  train_steps_per_round=2, eval_prompts=["a dog"], eval_images_per_prompt=3)
@@ -280,7 +283,10 @@ def test_config_is_checked_before_any_work(sd, tmp_path):
 
 
 def test_cli_finetune_with_a_reward_model(sd, tmp_path):
+    from click.testing import CliRunner
     from tiny_models import make_tiny_clip
+
+    from harness.cli import cli
 
     clip = make_tiny_clip(tmp_path / "clip")
     run = tmp_path / "run.yaml"
@@ -291,13 +297,313 @@ def test_cli_finetune_with_a_reward_model(sd, tmp_path):
         "normalizer: textnorm\nnormalizer_scale: 10\ncontrastive_prompts: rules\n"
         f"eval_prompts: [a realistic photo of a dog]\neval_images_per_prompt: 2\n"
         f"heldout_rewards: ['clip:checkpoint={clip}']\n")
-    result = subprocess.run([sys.executable, "-m", "harness.cli", "finetune", "ddpo", "--config", str(run)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = CliRunner().invoke(cli, ["finetune", "ddpo", "--config", str(run)])
+    assert result.exit_code == 0, result.output[-3000:]
     assert "Selected checkpoint: epoch" in result.stderr
     log = pd.read_csv(tmp_path / "out" / "train_log.csv")
     assert list(log["epoch"]) == [1, 2]
+    assert f"Trained 2 epochs; last mean reward {log['reward_mean'].iloc[-1]:.4f}" in result.stderr
     # TextNorm confidences are probabilities.
     assert ((log["reward_mean"] > 0) & (log["reward_mean"] <= 1)).all()
     monitor = pd.read_csv(tmp_path / "out" / "monitor.csv")
     assert set(monitor["reward"]) == {f"textnorm(clip:checkpoint={clip})", f"clip:checkpoint={clip}"}
+
+
+# -- the FineTuner contract, through the CLI --------------------------------------------------------
+GREY_PLUGIN = '''
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from harness.errors import HarnessError
+from harness.hookspecs import hookimpl
+from harness.types import FineTuner, FineTuneResult, FineTuneSettings
+
+
+@dataclass
+class GreyConfig(FineTuneSettings):
+    epochs: int = 2
+    size: int = 32
+    step: float = 64.0
+
+    def validate(self):
+        super().validate()
+        if self.epochs < 1:
+            raise HarnessError(f"config 'epochs' must be >= 1, got {self.epochs}")
+
+
+class GreyTuner(FineTuner):
+    """Learns one grey level: each epoch scores level - step, level, level + step and keeps the
+    best by mean reward, then halves the step."""
+
+    id = "grey"
+    config_class = GreyConfig
+
+    def train(self, config, reward, *, progress=False, on_checkpoint=None):
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        prompts = config.training_prompts()
+        level, step, log, checkpoints = 128.0, config.step, [], []
+        for epoch in range(1, config.epochs + 1):
+            levels = [max(0.0, level - step), level, min(255.0, level + step)]
+            images = [Image.new("RGB", (config.size, config.size), (int(v),) * 3)
+                      for v in levels for _ in prompts]
+            batch_prompts = [p for _ in levels for p in prompts]
+            r = np.asarray(reward(images, batch_prompts), dtype=np.float64)
+            level = levels[int(np.argmax(r.reshape(len(levels), len(prompts)).mean(axis=1)))]
+            step /= 2
+            folder = out / f"epoch-{epoch}"
+            folder.mkdir(exist_ok=True)
+            (folder / "level.json").write_text(json.dumps({"level": level}))
+            record = {"epoch": epoch, "reward_mean": float(r.mean()), "level": level,
+                      "levels": levels, "rewards": r.tolist()}
+            log.append(record)
+            checkpoints.append(str(folder))
+            if on_checkpoint is not None:
+                on_checkpoint(folder, record)
+        (out / "log.json").write_text(json.dumps(log))
+        return FineTuneResult(output_dir=str(out), checkpoints=checkpoints, log=log)
+
+
+@hookimpl
+def register_finetuners(register):
+    register(GreyTuner)
+'''
+
+
+def _install(site, dist, module, source):
+    """A minimal installed distribution on ``site`` with a t2i_harness entry point."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[t2i_harness]\n{module} = {module}\n")
+
+
+def _textnorm(raw, scale):
+    """TextNorm computed here from its definition: softmax probability of column 0."""
+    z = scale * np.asarray(raw, dtype=np.float64)
+    return float(np.exp(z[0]) / np.exp(z).sum())
+
+
+def _raw_scores(checkpoint, images, columns):
+    """Each image scored alone against its prompt list by the tiny CLIP."""
+    from harness.scoring.specs import load_reward_model
+
+    model = load_reward_model(f"clip:checkpoint={checkpoint}", device="cpu")
+    out = []
+    with torch.no_grad():
+        for image, cols in zip(images, columns, strict=True):
+            features = model.embed_images(model.preprocess(image)[None])
+            out.append(np.asarray(model.score(features, [cols])[0], dtype=np.float64))
+    return out
+
+
+def _images(n, seed=0, size=24):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from tiny_models import make_tiny_clip
+
+    root = tmp_path_factory.mktemp("clips")
+    return make_tiny_clip(root / "a", seed=0), make_tiny_clip(root / "b", seed=1)
+
+
+SETS = {"a red car": ["a blue car", "a red bus"], "two cats": ["three cats", "two dogs"]}
+
+
+def test_third_party_finetuner_runs_through_the_cli(clips, tmp_path, monkeypatch):
+    """A FineTuner from an installed plugin distribution, run by `harness finetune <its id>`
+    against a real tiny reward model calibrated by TextNorm: the rewards it logged are what
+    TextNorm of the tiny CLIP gives, computed here image by image."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _install(site, "t2i-harness-grey", "t2i_harness_grey", GREY_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("HARNESS_LOAD_PLUGINS", "t2i-harness-grey")
+    sets = tmp_path / "sets.json"
+    sets.write_text(json.dumps(SETS))
+    run = tmp_path / "run.yaml"
+    run.write_text(f"prompts: [a red car, two cats]\nreward: 'clip:checkpoint={clips[0]}'\n"
+                   f"normalizer: textnorm\nnormalizer_options: {{scale: 20}}\n"
+                   f"contrastive_prompts: {sets}\noutput_dir: {tmp_path / 'out'}\n")
+    result = CliRunner().invoke(cli, ["finetune", "grey", "--config", str(run), "--set", "epochs=3"])
+    assert result.exit_code == 0, result.output
+    log = json.loads((tmp_path / "out" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert (f"Trained 3 epochs; last mean reward {log[-1]['reward_mean']:.4f}; 3 checkpoints, "
+            f"the last {tmp_path / 'out' / 'epoch-3'}") in result.stderr
+    from PIL import Image
+
+    prompts = ["a red car", "two cats"]
+    for record in log:
+        images = [Image.new("RGB", (32, 32), (int(v),) * 3) for v in record["levels"] for _ in prompts]
+        batch = [p for _ in record["levels"] for p in prompts]
+        raw = _raw_scores(clips[0], images, [[p, *SETS[p]] for p in batch])
+        expected = [_textnorm(r, 20.0) for r in raw]
+        np.testing.assert_allclose(record["rewards"], expected, rtol=0, atol=1e-6)
+    # The rewards are not constant: the tuner had something to choose from.
+    assert np.ptp(log[0]["rewards"]) > 1e-3
+    # An unknown id is a one-line error with a suggestion.
+    result = CliRunner().invoke(cli, ["finetune", "gray", "--config", str(run)])
+    assert result.exit_code == 2
+    assert "Unknown fine-tuner 'gray'. Did you mean 'grey'?" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_ensemble_reward_is_the_mean_of_textnorms_computed_independently(clips):
+    from harness.finetune.reward import RewardFunction
+
+    a, b = clips
+    prompts = ["a red car", "two cats", "a red car", "a red car", "two cats"]  # interleaved
+    images = _images(len(prompts))
+    columns = [[p, *SETS[p]] for p in prompts]
+    tn = {name: np.array([_textnorm(r, 5.0) for r in _raw_scores(ckpt, images, columns)])
+          for name, ckpt in (("a", a), ("b", b))}
+    specs = [f"clip:checkpoint={a},label=a", f"clip:checkpoint={b},label=b"]
+    mean = RewardFunction(specs, normalizer="mean", normalizer_options={"scale": 5}, contrastive=SETS,
+                          device="cpu")(images, prompts)
+    np.testing.assert_allclose(mean, (tn["a"] + tn["b"]) / 2, rtol=0, atol=1e-6)
+    for name in ("a", "b"):
+        single = RewardFunction(specs[0 if name == "a" else 1], normalizer="textnorm",
+                                normalizer_options={"scale": 5}, contrastive=SETS, device="cpu")
+        np.testing.assert_allclose(single(images, prompts), tn[name], rtol=0, atol=1e-6)
+        assert np.abs(mean - tn[name]).max() > 1e-3  # the ensemble is neither model alone
+    raw = RewardFunction(f"clip:checkpoint={a}", device="cpu")(images, prompts)
+    own = [r[0] for r in _raw_scores(a, images, [[p] for p in prompts])]
+    np.testing.assert_allclose(raw, own, rtol=0, atol=1e-6)
+
+
+def test_reward_calls_the_normalizer_once_per_prompt_with_its_images(clips):
+    """A third-party normalizer that only implements __call__: it receives the images of one
+    prompt together, and its outputs go back to the images' places in the batch."""
+    from harness.finetune.reward import RewardFunction
+    from harness.plugins import Entry, get_plugins
+    from harness.types import Normalizer
+
+    calls = []
+
+    class Centered(Normalizer):
+        id = "centered"
+
+        def __call__(self, scores):
+            (own,) = [np.asarray(v)[:, 0] for v in scores.values()]
+            calls.append((sorted(scores), len(own)))
+            return own - own.mean()
+
+    get_plugins().normalizers.add(Entry(id="centered", cls=Centered, plugin="test"))
+    prompts = ["two cats", "a red car", "two cats", "a red car", "a red car"]
+    images = _images(len(prompts), seed=3)
+    got = RewardFunction(f"clip:checkpoint={clips[0]},label=m", normalizer="centered",
+                         contrastive=SETS, device="cpu")(images, prompts)
+    own = np.array([r[0] for r in _raw_scores(clips[0], images, [[p] for p in prompts])])
+    expected = np.empty(len(prompts))
+    for p in set(prompts):
+        index = [i for i, q in enumerate(prompts) if q == p]
+        expected[index] = own[index] - own[index].mean()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert sorted(calls) == [(["m"], 2), (["m"], 3)]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("normalizer: zscore\n", "normalizer 'zscore' needs 2 or more images of a prompt"),
+    ("normalizer: mean\n", "normalizer 'mean' combines at least 2 reward models, but config 'reward' gives 1"),
+    ("normalizer: ur\n", "normalizer 'ur' combines at least 2 reward models, but config 'reward' gives 1"),
+    ("normalizer: textnrom\n", "Unknown normalizer 'textnrom'. Did you mean 'textnorm'?"),
+    ("normalizer: textnorm\nnormalizer_options: {scael: 3}\n", "normalizer 'textnorm' has no hyperparameter 'scael'"),
+    ("normalizer: identity\nnormalizer_scale: 10\n", "normalizer 'identity' has no 'scale' hyperparameter"),
+    ("reward: [pickscore, clip]\n", "config 'reward' lists 2 reward models but no 'normalizer'"),
+    ("contrastive_prompts: nope\nnormalizer: textnorm\n", "Unknown prompt generator 'nope'"),
+])
+def test_meaningless_rewards_are_refused_before_training(extra, message, tmp_path):
+    """Before any model loads or any folder is written: exit 2 and one line."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    run = tmp_path / "run.yaml"
+    run.write_text(f"prompts: [a red car]\noutput_dir: {tmp_path / 'out'}\nbase_model: /nowhere\n" + extra)
+    result = CliRunner().invoke(cli, ["finetune", "ddpo", "--config", str(run)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("Error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_worker_counts_a_config_cannot_split_are_refused_before_ray_starts(tmp_path):
+    """The fine-tuner's own check_workers, called through the contract (no Ray needed)."""
+    from harness.finetune.ray_train import train_on_ray
+
+    def cfg(cls, out, **kw):
+        return load_config(cls, dict(prompts=["a red car", "a cat"], output_dir=str(tmp_path / out), **kw))
+
+    with pytest.raises(HarnessError, match=r"sample_num_batches_per_epoch \(3\) must be a multiple of --workers \(2\)"):
+        train_on_ray("ddpo", cfg(DDPOConfig, "a", sample_num_batches_per_epoch=3), workers=2)
+    with pytest.raises(HarnessError, match="SFT with 3 workers needs at least 3 prompts"):
+        train_on_ray("sd_sft", cfg(SFTConfig, "b"), workers=3)
+    with pytest.raises(HarnessError, match="normalizer 'zscore' needs 2 or more images"):
+        train_on_ray("ddpo", cfg(DDPOConfig, "c", normalizer="zscore"), workers=2)
+    with pytest.raises(HarnessError, match="needs a DDPOConfig, got a SFTConfig"):
+        train_on_ray("ddpo", cfg(SFTConfig, "d"), workers=2)
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_load_config_is_generic():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Group:
+        level: float = 0.5
+        count: int = 1
+
+    @dataclass
+    class Settings:
+        name: str = "x"
+        rate: float | None = None
+        group: Group = field(default_factory=Group)
+
+        def validate(self):
+            if self.group.count > 5:
+                raise HarnessError("config 'group.count' must be <= 5")
+
+    got = load_config(Settings, {"rate": 10, "group": {"level": 2, "count": 3.0}})
+    assert got == Settings(rate=10.0, group=Group(level=2.0, count=3))
+    assert isinstance(got.rate, float) and isinstance(got.group.level, float)
+    assert isinstance(got.group.count, int)
+    with pytest.raises(HarnessError, match=r"unknown config key 'group.levle'. Did you mean 'level'"):
+        load_config(Settings, {"group": {"levle": 1}})
+    with pytest.raises(HarnessError, match="'group.count' must be <= 5"):
+        load_config(Settings, {}, group={"count": 6})
+    # The SD configs: YAML's 10 for a float setting (and normalizer_scale) becomes 10.0.
+    cfg = load_config(DDPOConfig, {"prompts": ["a"], "train_learning_rate": 1, "normalizer_scale": 10})
+    assert cfg.train_learning_rate == 1.0 and isinstance(cfg.train_learning_rate, float)
+    assert cfg.normalizer_scale == 10.0 and isinstance(cfg.normalizer_scale, float)
+
+
+def test_normalizer_scale_is_shorthand_for_the_scale_hyperparameter():
+    from harness.finetune.reward import make_normalizer, normalizer_options
+
+    cfg = load_config(DDPOConfig, {"prompts": ["a"], "normalizer": "textnorm", "normalizer_scale": 10})
+    assert normalizer_options(cfg) == {"scale": 10.0}
+    raw = np.array([[0.3, 0.1, 0.2], [0.0, 0.4, 0.1]])
+    got = make_normalizer("textnorm", 1, normalizer_options(cfg))({"m": raw})
+    np.testing.assert_allclose(got, [np.exp(10 * r[0]) / np.exp(10 * r).sum() for r in raw], rtol=1e-12)
+    both = load_config(DDPOConfig, {"prompts": ["a"], "normalizer": "textnorm", "normalizer_scale": 10,
+                                    "normalizer_options": {"scale": 3}})
+    with pytest.raises(HarnessError, match="sets the scale twice"):
+        normalizer_options(both)
+    alone = load_config(DDPOConfig, {"prompts": ["a"], "normalizer_scale": 10})
+    with pytest.raises(HarnessError, match="'normalizer_scale' is set but no 'normalizer'"):
+        normalizer_options(alone)

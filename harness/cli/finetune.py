@@ -1,4 +1,4 @@
-"""``harness finetune ID``: run a registered fine-tuner."""
+"""``harness finetune ID``: run any registered fine-tuner through the FineTuner contract."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from pathlib import Path
 import click
 
 from harness.cli.root import cli
-from harness.errors import HarnessError
 
 
 @cli.command("finetune")
-@click.argument("method", type=click.Choice(["sft", "ddpo"]))
+@click.argument("method", metavar="ID")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="YAML file of settings (see docs/finetune.md).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config setting.")
@@ -22,32 +21,39 @@ from harness.errors import HarnessError
 @click.option("--max-failures", default=2, show_default=True, help="Worker-group restarts from the last checkpoint (with --ray).")
 def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...], resume: bool,
                      use_ray: bool, workers: int, address: str | None, max_failures: int) -> None:
-    """Fine-tune Stable Diffusion against a reward with SFT or DDPO (LoRA)."""
-    import yaml
+    """Fine-tune a text-to-image model against a reward with the fine-tuner ID.
 
+    ID is any registered fine-tuner id or alias; `harness plugins` lists them (the built-in
+    ones fine-tune Stable Diffusion with LoRA by DDPO or reward-filtered SFT).
+    """
+    from harness.config import load_config, parse_overrides
     from harness.plugins import get_plugins
-    from harness_plugins.sd.config import load_config
 
-    tuner = get_plugins().finetuners.get(f"sd_{method}")
-    extra = {}
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise HarnessError(f"--set expects KEY=VALUE, got '{item}'")
-        extra[key.strip()] = yaml.safe_load(value)
+    tuner = get_plugins().finetuners.get(method)()
+    extra = parse_overrides(overrides)
     if resume:
         extra["resume_from"] = "latest"
     config = load_config(tuner.config_class, config_path, **extra)
     if use_ray:
         from harness.finetune.ray_train import train_on_ray
 
-        result = train_on_ray(tuner.id, config, workers, address=address, max_failures=max_failures)
-        click.echo(f"Ray Train finished {len(result['log'])} epochs; last checkpoint {result['checkpoint']}", err=True)
-        return
-    result = tuner.trainer_class(config, progress=True).train()
-    last = result["log"][-1] if result["log"] else {}
-    click.echo(f"Trained {config.num_epochs} epochs; last mean reward {last.get('reward_mean', float('nan')):.4f}; "
-               f"checkpoints in {config.output_dir}/checkpoints", err=True)
-    if result.get("selected"):
-        click.echo(f"Selected checkpoint: epoch {result['selected']['epoch']} "
-                   f"(wins over the base model per epoch: {result['selected']['wins']})", err=True)
+        result = train_on_ray(tuner, config, workers, address=address, max_failures=max_failures)
+        where = "on Ray Train"
+    else:
+        from harness.finetune.reward import reward_from_settings
+
+        result = tuner.train(config, reward_from_settings(config), progress=True)
+        where = ""
+    last = result.log[-1] if result.log else {}
+    epochs = last.get("epoch", len(result.log))
+    line = f"Trained {epochs} epoch{'' if epochs == 1 else 's'}{' ' + where if where else ''}"
+    if isinstance(last.get("reward_mean"), (int, float)):
+        line += f"; last mean reward {last['reward_mean']:.4f}"
+    if result.checkpoints:
+        line += f"; {len(result.checkpoints)} checkpoints, the last {result.checkpoints[-1]}"
+    else:
+        line += f"; no checkpoints (output in {result.output_dir})"
+    click.echo(line, err=True)
+    if result.selected and result.selected.get("epoch") is not None:
+        click.echo(f"Selected checkpoint: epoch {result.selected['epoch']} "
+                   f"(wins over the base model per epoch: {result.selected.get('wins')})", err=True)

@@ -1,1 +1,2 @@
-"""Fine-tuning Stable Diffusion against a reward: configs, DDIM log-probabilities, LoRA, monitor."""
+"""Fine-tuning through contracts: the reward (reward models + Normalizer + prompt sets) and the
+Ray Train launcher, composed around any registered :class:`harness.types.FineTuner`."""

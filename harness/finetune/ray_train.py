@@ -1,12 +1,14 @@
-"""Fine-tuning on Ray Train: data-parallel SFT/DDPO over several workers, GPUs or nodes.
+"""Fine-tuning on Ray Train: any registered FineTuner over several workers, GPUs or nodes.
 
-``TorchTrainer`` starts ``workers`` processes in a torch.distributed group. Each worker samples
-its share of every epoch's batches (DDPO) or prompts (SFT); rewards are gathered so that all
-workers compute the same advantages; gradients of the trainable (LoRA) parameters are averaged
-over workers before every optimizer step, which is what DDP does. The reward model lives in a
-pool of shared Ray actors (``reward_actors``), not in every training worker. Rank 0 writes the
-checkpoints and reports them through ``ray.train.report``; with ``FailureConfig(max_failures)``
-a worker that dies restarts the group from the last reported checkpoint.
+``TorchTrainer`` starts ``workers`` processes in a torch.distributed group; each builds the
+fine-tuner's ``config_class`` from the driver's settings and calls :meth:`FineTuner.train` with
+an ``on_checkpoint`` that reports every epoch (and the checkpoint it wrote) to Ray Train. How the
+work is split is the fine-tuner's business (the SD fine-tuners shard batches or prompts by rank,
+gather rewards and average gradients, which is what DDP does); :meth:`FineTuner.check_workers`
+refuses a worker count its config cannot split before anything starts. The reward lives in a pool
+of shared Ray actors (``reward_actors``), not in every training worker. With
+``FailureConfig(max_failures)`` a worker that dies restarts the group from the last reported
+checkpoint (``config.resume_from``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.types import FineTuner, FineTuneResult, FineTuneSettings
 
 
 class _RewardActor:
@@ -48,27 +52,22 @@ class SharedReward:
         return np.asarray(ray.get(actor.__call__.remote(images, prompts)), dtype=np.float64)
 
 
-def _reward_factory(config: Any) -> tuple[str, Callable[[], Any]]:
-    from functools import partial
+def _resolve(tuner: str | FineTuner) -> FineTuner:
+    if isinstance(tuner, FineTuner):
+        return tuner
+    from harness.plugins import get_plugins
 
-    from harness.finetune.reward import RewardFunction
-
-    name = config.reward if config.normalizer is None else f"{config.normalizer}({config.reward})"
-    return name, partial(RewardFunction, config.reward, normalizer=config.normalizer,
-                         scale=config.normalizer_scale, contrastive=config.contrastive_prompts,
-                         prompts=config.training_prompts())
+    return get_plugins().finetuners.get(tuner)()
 
 
 def _loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build the trainer, resume from Ray's checkpoint, train, report."""
+    """One Ray Train worker: build the config, resume from Ray's checkpoint, train, report."""
     import tempfile
 
     import ray.train
     from ray.train import Checkpoint
 
-    from harness.plugins import get_plugins
-
-    tuner = get_plugins().finetuners.get(loop_config["method"])
+    tuner: FineTuner = loop_config["tuner"]
     config = tuner.config_class(**loop_config["config"])
     checkpoint = ray.train.get_checkpoint()
     staged = None
@@ -77,67 +76,65 @@ def _loop(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, staged, dirs_exist_ok=True)
         config.resume_from = str(staged)
-    trainer = tuner.trainer_class(config, reward=loop_config["reward"])
-    hook = loop_config.get("test_hook")
 
     def report(saved: Path | None, logs: dict[str, Any]) -> None:
-        if hook is not None:
-            hook(trainer)
         metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         if saved is not None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(saved)))
         else:
             ray.train.report(metrics)
 
-    trainer.on_checkpoint = report
-    trainer.train()
-    if staged is not None:
-        shutil.rmtree(staged, ignore_errors=True)
+    try:
+        tuner.train(config, loop_config["reward"], on_checkpoint=report)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def train_on_ray(
-    method: str,
-    config: Any,
+    tuner: str | FineTuner,
+    config: FineTuneSettings,
     workers: int = 2,
     *,
     address: str | None = None,
     use_gpu: bool | None = None,
     max_failures: int = 2,
-    reward: Any = None,
+    reward: Callable[[], Any] | None = None,
     reward_actors: int = 1,
     cpus_per_worker: float = 1.0,
-    test_hook: Callable[[Any], None] | None = None,
-) -> dict[str, Any]:
-    """Fine-tune with ``workers`` data-parallel Ray Train workers; returns what the trainer logged.
+) -> FineTuneResult:
+    """Fine-tune with ``workers`` data-parallel Ray Train workers through the FineTuner contract.
 
+    :param tuner: a registered fine-tuner id or alias, or a :class:`FineTuner` instance (sent to
+        the workers by value).
     :param reward: a picklable factory ``() -> reward callable`` for the shared reward actors;
-        default: ``config.reward`` (a reward-model spec, optionally with ``config.normalizer``).
+        default: the reward ``config`` describes (checked here, before Ray starts).
     """
-    from harness.plugins import get_plugins
+    from harness.finetune.reward import check_reward_settings, reward_from_settings, reward_name
     from harness.scoring.ray import RayOptions, connect
 
-    tuner = get_plugins().finetuners.get(method)
+    tuner = _resolve(tuner)
+    if not isinstance(config, tuner.config_class):
+        raise HarnessError(f"fine-tuner '{tuner.id}' needs a {tuner.config_class.__name__}, "
+                           f"got a {type(config).__name__}")
     config.validate()
     if workers < 1:
         raise HarnessError(f"--workers must be >= 1, got {workers}")
-    if getattr(config, "sample_num_batches_per_epoch", None) and tuner.id == "sd_ddpo":
-        if config.sample_num_batches_per_epoch % workers:
-            raise HarnessError(
-                f"sample_num_batches_per_epoch ({config.sample_num_batches_per_epoch}) must be a "
-                f"multiple of --workers ({workers}) so that every worker takes as many steps"
-            )
-    if tuner.id == "sd_sft" and len(config.training_prompts()) < workers:
-        raise HarnessError(f"SFT with {workers} workers needs at least {workers} prompts")
+    tuner.check_workers(config, workers)
+    if reward is None:
+        check_reward_settings(config)
+        config.training_prompts()
+        name = reward_name(config.reward, config.normalizer)
+        factory = partial(reward_from_settings, config)
+    else:
+        name = getattr(reward, "name", "reward")
+        factory = reward
     ray = connect(RayOptions(address=address))
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
-    if reward is None:
-        name, factory = _reward_factory(config)
-    else:
-        name, factory = getattr(reward, "name", "reward"), reward
     actor_cls = ray.remote(num_cpus=0.25, num_gpus=0.25 if use_gpu else 0)(_RewardActor)
     actors = [actor_cls.remote(factory) for _ in range(reward_actors)]
     shared = SharedReward(actors, name)
@@ -146,8 +143,7 @@ def train_on_ray(
     config = dataclasses.replace(config, output_dir=str(out))
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"method": tuner.id, "config": dataclasses.asdict(config), "reward": shared,
-                           "test_hook": test_hook},
+        train_loop_config={"tuner": tuner, "config": dataclasses.asdict(config), "reward": shared},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
@@ -157,7 +153,7 @@ def train_on_ray(
         ),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors
         cause = exc
         while getattr(cause, "__cause__", None) is not None:
@@ -165,9 +161,21 @@ def train_on_ray(
         if isinstance(cause, HarnessError):
             raise cause from exc
         raise
-    log = out / "train_log.csv"
+    return _result(out)
+
+
+def _result(out: Path) -> FineTuneResult:
+    """What rank 0 wrote: the log, the checkpoints and the selected checkpoint, if any."""
+    import json
+
     import pandas as pd
 
-    return {"metrics": result.metrics, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
-            "log": pd.read_csv(log).to_dict(orient="records") if log.is_file() else [],
-            "output_dir": str(out)}
+    log = out / "train_log.csv"
+    folder = out / "checkpoints"
+    selected = out / "selected_checkpoint.json"
+    return FineTuneResult(
+        output_dir=str(out),
+        checkpoints=[str(p) for p in sorted(folder.glob("epoch-*"))] if folder.is_dir() else [],
+        log=pd.read_csv(log).to_dict(orient="records") if log.is_file() else [],
+        selected=json.loads(selected.read_text()) if selected.is_file() else None,
+    )

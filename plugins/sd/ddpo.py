@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.errors import HarnessError
 from harness_plugins.sd.config import DDPOConfig
 from harness_plugins.sd.trainer import RewardTrainer, TrainerFineTuner, seeded
 
@@ -126,4 +127,12 @@ class SDDDPO(TrainerFineTuner):
     id: ClassVar[str] = "sd_ddpo"
     config_class = DDPOConfig
     trainer_class = DDPOTrainer
+
+    def check_workers(self, config: DDPOConfig, workers: int) -> None:
+        """Every worker samples as many of an epoch's batches: they must divide evenly."""
+        if config.sample_num_batches_per_epoch % workers:
+            raise HarnessError(
+                f"sample_num_batches_per_epoch ({config.sample_num_batches_per_epoch}) must be a "
+                f"multiple of --workers ({workers}) so that every worker takes as many steps"
+            )
 

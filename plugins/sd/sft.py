@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harness.errors import HarnessError
 from harness_plugins.sd.config import SFTConfig
 from harness_plugins.sd.trainer import RewardTrainer, TrainerFineTuner, seeded
 
@@ -90,4 +91,9 @@ class SDSFT(TrainerFineTuner):
     id: ClassVar[str] = "sd_sft"
     config_class = SFTConfig
     trainer_class = SFTTrainer
+
+    def check_workers(self, config: SFTConfig, workers: int) -> None:
+        """Workers split the training prompts: each needs at least one."""
+        if len(config.training_prompts()) < workers:
+            raise HarnessError(f"SFT with {workers} workers needs at least {workers} prompts")
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.io import write_json, write_text
 from harness.errors import HarnessError
+from harness.io import write_json, write_text
+from harness.types import FineTuner, FineTuneResult, FineTuneSettings
 from harness_plugins.sd.config import FineTuneConfig
-from harness.types import FineTuner
 
 log = logging.getLogger("harness.finetune")
 
@@ -49,13 +49,15 @@ class RewardTrainer:
 
     kind = "base"
 
-    def __init__(self, config: FineTuneConfig, reward: str | Callable[..., Any] | None = None,
+    def __init__(self, config: FineTuneConfig, reward: Callable[..., Any] | None = None,
                  pipeline: Any = None, heldout: dict[str, Callable[..., Any]] | None = None,
                  progress: bool = False):
+        """``reward``: a callable ``(images, prompts) -> [B]`` (None: the one the config's
+        reward settings describe); ``pipeline``: an already loaded pipeline (tests)."""
         import torch
 
+        from harness.finetune.reward import reward_from_settings, reward_label
         from harness_plugins.sd.diffusion import add_lora, load_pipeline
-        from harness.finetune.reward import as_reward
 
         config.validate()
         self.config = config
@@ -69,13 +71,12 @@ class RewardTrainer:
         torch.manual_seed(config.seed)
         self.pipe = pipeline if pipeline is not None else load_pipeline(
             config.base_model, config.revision, self.device, self.dtype)
-        reward = reward if reward is not None else config.reward
-        if callable(reward):
-            self.reward_name, self.reward = as_reward(reward)
-        else:
-            self.reward_name, self.reward = as_reward(
-                reward, normalizer=config.normalizer, scale=config.normalizer_scale,
-                contrastive=config.contrastive_prompts, prompts=self.prompts, device=self.device)
+        if reward is None:
+            reward = reward_from_settings(config, device=self.device)
+        if not callable(reward):
+            raise HarnessError(f"reward must be a callable (images, prompts) -> scores, got {reward!r}")
+        self.reward = reward
+        self.reward_name = reward_label(reward)
         unet = self.pipe.unet
         if config.use_lora:
             self.params = add_lora(unet, config.lora_rank, config.lora_alpha)
@@ -92,8 +93,8 @@ class RewardTrainer:
         self.history: list[dict[str, Any]] = []
         self.monitor = None
         if config.eval_prompts and config.eval_freq:
-            from harness_plugins.sd.monitor import OveroptimizationMonitor
             from harness.finetune.reward import RewardFunction
+            from harness_plugins.sd.monitor import OveroptimizationMonitor
 
             rewards = {self.reward_name: self.reward}
             for spec in config.heldout_rewards:
@@ -105,7 +106,7 @@ class RewardTrainer:
         self.progress = progress
         self.rank, self.world = _world()
         #: called with each checkpoint folder after it is written (Ray Train reports it)
-        self.on_checkpoint: Callable[[Path, dict[str, Any]], None] | None = None
+        self.on_checkpoint: Callable[[Path | None, dict[str, Any]], None] | None = None
         if config.resume_from:
             self.resume(config.resume_from)
 
@@ -115,6 +116,12 @@ class RewardTrainer:
 
     def state(self) -> dict[str, Any]:
         return {}
+
+    def after_epoch(self, saved: Path | None, logs: dict[str, Any]) -> None:
+        """After every epoch on every worker (``saved``: the checkpoint this worker wrote, if
+        any): calls :attr:`on_checkpoint`. Tests override it to look inside the trainer."""
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(saved, logs)
 
     def load_state(self, state: dict[str, Any]) -> None:
         pass
@@ -210,8 +217,7 @@ class RewardTrainer:
                     if e % c.save_freq == 0 or e == c.num_epochs:
                         saved = self.save_checkpoint()
                     self.write_log()
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint(saved, logs)
+                self.after_epoch(saved, logs)
                 if bar is not None:
                     bar.set_postfix(reward=f"{logs.get('reward_mean', float('nan')):.4f}")
                     bar.update(1)
@@ -295,12 +301,22 @@ class RewardTrainer:
 class TrainerFineTuner(FineTuner):
     """A FineTuner plugin backed by a :class:`RewardTrainer` subclass and its config class."""
 
-    config_class: type[FineTuneConfig] = FineTuneConfig
-    trainer_class: type[RewardTrainer] = RewardTrainer
+    config_class: ClassVar[type[FineTuneConfig]] = FineTuneConfig
+    trainer_class: ClassVar[type[RewardTrainer]] = RewardTrainer
 
-    def train(self, pipeline: Any, reward: Any, prompts: Any, config: Any) -> Any:
-        """Fine-tune ``pipeline`` (None: load ``config.base_model``) against ``reward`` on
-        ``prompts`` (None: ``config.prompts``); returns the log, checkpoints and selection."""
-        if prompts:
-            config.prompts = list(prompts)
-        return self.trainer_class(config, reward=reward, pipeline=pipeline).train()
+    def train(
+        self,
+        config: FineTuneSettings,
+        reward: Callable[[Sequence[Any], Sequence[str]], Any],
+        *,
+        progress: bool = False,
+        on_checkpoint: Callable[[Path | None, dict[str, Any]], None] | None = None,
+    ) -> FineTuneResult:
+        if not isinstance(config, self.config_class):
+            raise HarnessError(f"fine-tuner '{self.id}' needs a {self.config_class.__name__}, "
+                               f"got a {type(config).__name__}")
+        trainer = self.trainer_class(config, reward=reward, progress=progress)
+        trainer.on_checkpoint = on_checkpoint
+        out = trainer.train()
+        return FineTuneResult(output_dir=str(trainer.out), checkpoints=out["checkpoints"],
+                              log=out["log"], selected=out.get("selected"))

@@ -1,0 +1,128 @@
+"""Settings dataclasses from YAML or dicts: one loader for every config the harness reads.
+
+``load_config(cls, source, **overrides)`` builds any dataclass config (a fine-tuner's
+``config_class``, a leaderboard config, ...) from a YAML file or a dict plus keyword overrides,
+rejects an unknown key with "did you mean", coerces YAML's ``10`` to ``10.0`` for a float setting
+(and ``2.0`` to ``2`` for an int one), builds nested dataclass groups from nested mappings, and
+calls the config's ``validate()`` when it has one, so an impossible value is refused before any
+work, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from harness.errors import HarnessError, did_you_mean
+
+T = TypeVar("T")
+
+
+def read_mapping(source: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping -> that mapping (``{}`` for an empty file)."""
+    import yaml
+
+    path = Path(source).expanduser()
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise HarnessError(f"cannot read config '{path}': {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(f"malformed YAML in config '{path}': {first}") from exc
+    if not isinstance(loaded, dict):
+        raise HarnessError(f"config '{path}' must be a mapping of settings")
+    return loaded
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated: no coercion
+        return {}
+
+
+def _numeric(hint: Any) -> type | None:
+    """``float`` or ``int`` when the annotation is that type (or that type or None)."""
+    if hint in (float, int):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and args[0] in (float, int):
+        return args[0]
+    return None
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and dataclasses.is_dataclass(args[0]) and isinstance(args[0], type):
+        return args[0]
+    return None
+
+
+def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _hints(cls)
+    for key in values:
+        if key not in known:
+            raise HarnessError(
+                f"unknown config key '{where}{key}'.{did_you_mean(str(key), known)} "
+                f"See the {cls.__name__} settings in its documentation"
+            )
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints.get(key)
+        group = _dataclass_of(hint)
+        if group is not None and isinstance(value, dict):
+            value = _build(group, value, f"{where}{key}.")
+        kind = _numeric(hint)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise HarnessError(f"bad config{' group ' + where.rstrip('.') if where else ''}: {exc}") from exc
+
+
+def load_config(cls: type[T], source: str | Path | dict[str, Any] | None = None,
+                **overrides: Any) -> T:
+    """Build and validate a ``cls`` config from a YAML file or dict, then ``overrides``.
+
+    ``overrides`` whose value is None are ignored (unset command-line flags). Raises
+    :class:`HarnessError` naming the key of an unknown or impossible setting.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"load_config needs a dataclass, got {cls!r}")
+    values: dict[str, Any] = {}
+    if isinstance(source, dict):
+        values.update(source)
+    elif source is not None:
+        values.update(read_mapping(source))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = _build(cls, values, "")
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def parse_overrides(items: typing.Iterable[str], flag: str = "--set") -> dict[str, Any]:
+    """``["a=1", "b=[x, y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise HarnessError(f"{flag} expects KEY=VALUE, got '{item}'")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise HarnessError(f"{flag} {key.strip()}: value '{value}' is not valid YAML") from exc
+    return out
