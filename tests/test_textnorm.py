@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.evaluation.calibration import ContrastiveScores, calibrate, make_folds
-from harness_plugins.textnorm import textnorm_confidence as textnorm_tensor
 from harness.errors import HarnessError
+from harness.evaluation.calibration import ContrastiveScores, calibrate, make_folds
 from harness.evaluation.metrics import prompt_metrics
 from harness.plugins import get_plugins
+from harness_plugins.textnorm import textnorm_confidence as textnorm_tensor
 
 RAW_A = np.array([[0.30, 0.20, 0.25], [0.10, 0.40, 0.20]])  # 2 images, prompt + 2 contrastive
 RAW_B = np.array([[1.5, -0.5, 0.0], [-1.0, 0.5, 2.0]])

@@ -104,18 +104,9 @@ class LeaderboardConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> LeaderboardConfig:
         """Read a YAML file; ``overrides`` (same nesting) replace its values."""
-        import yaml
+        from harness.config import read_mapping
 
-        path = Path(path).expanduser()
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise HarnessError(f"cannot read config '{path}': {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise HarnessError(f"malformed YAML in config '{path}': {first}") from exc
-        if not isinstance(loaded, dict):
-            raise HarnessError(f"config '{path}' must be a mapping of groups (data, scoring, ...)")
+        loaded = read_mapping(path)
         for group, values in (overrides or {}).items():
             base = loaded.setdefault(group, {})
             if not isinstance(base, dict):

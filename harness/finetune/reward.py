@@ -19,9 +19,7 @@ to combine them.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,15 +178,9 @@ class RewardFunction:
         if isinstance(source, Mapping):
             found = {p: list(source.get(p, [])) for p in missing}
         elif str(source).endswith(".json"):
-            path = Path(str(source)).expanduser()
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except OSError as exc:
-                raise HarnessError(f"cannot read contrastive prompts '{path}': {exc.strerror}") from exc
-            except json.JSONDecodeError as exc:
-                raise HarnessError(f"contrastive prompts '{path}' is not valid JSON: {exc}") from exc
-            if not isinstance(data, dict):
-                raise HarnessError(f"contrastive prompts '{path}' must map prompts to lists of prompts")
+            from harness.evaluation.contrastive import read_sets
+
+            data = read_sets(str(source))
             found = {p: list(data.get(p, [])) for p in missing}
         else:
             generated = _generator(str(source)).generate(missing)
