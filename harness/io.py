@@ -66,6 +66,25 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def read_json(path: str | Path, what: str, hint: str = "") -> Any:
+    """Parse a JSON file, or raise one line naming ``what`` it is, the file and the problem.
+
+    :param hint: the fix, appended to a malformed-file message (e.g. "re-download it").
+    """
+    path = Path(path).expanduser()
+    fix = f" ({hint})" if hint else ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"malformed {what} {path}: {exc.msg} at line {exc.lineno} column "
+                           f"{exc.colno}{fix}") from exc
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"malformed {what} {path}: not UTF-8 text{fix}") from exc
+    except OSError as exc:
+        raise HarnessError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
 def cache_dir() -> Path:
     """``$HARNESS_CACHE_DIR``, else ``$XDG_CACHE_HOME/t2i-harness``, else ``~/.cache/t2i-harness``."""
     if os.environ.get("HARNESS_CACHE_DIR"):

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.scoring.batches import collate
 from harness.types import (
     Benchmark,
     BenchmarkData,
@@ -40,12 +41,6 @@ __all__ = ["check_benchmark", "check_normalizer", "check_prompt_generator", "che
 
 
 # -- reward models ------------------------------------------------------------------------------
-def _collate(items: list[Any]) -> Any:
-    from harness.scoring.runner import collate
-
-    return collate(items)
-
-
 def _as_arrays(scores: Sequence[Any]) -> list[np.ndarray]:
     out = []
     for s in scores:
@@ -118,7 +113,7 @@ def check_reward_model(
     def run(batch_size: int, inputs: list[Any] = inputs) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for lo in range(0, len(inputs), batch_size):
-            feats = model.embed_images(_collate(inputs[lo : lo + batch_size]))
+            feats = model.embed_images(collate(inputs[lo : lo + batch_size]))
             out += _as_arrays(model.score(feats, [list(p) for p in prompts[lo : lo + batch_size]]))
         return out
 
@@ -139,7 +134,7 @@ def check_reward_model(
                 err_msg=f"image {i}: batch size {batch_sizes[0]} and {bs} disagree",
             )
     # One image encode, many prompts == one prompt at a time.
-    feats = model.embed_images(_collate(inputs[:1]))
+    feats = model.embed_images(collate(inputs[:1]))
     together = _as_arrays(model.score(feats, [list(prompts[0])]))[0]
     alone = np.array([_as_arrays(model.score(feats, [[p]]))[0][0] for p in prompts[0]])
     np.testing.assert_allclose(together, alone, atol=atol, rtol=0,
@@ -159,7 +154,7 @@ def check_reward_model(
         assert np.shape(_as_array(x)) == shape, (
             f"mode {mode} image preprocessed to shape {np.shape(_as_array(x))}, RGB to {shape}"
         )
-        s = _as_arrays(model.score(model.embed_images(_collate([x])), [list(prompts[0])]))[0]
+        s = _as_arrays(model.score(model.embed_images(collate([x])), [list(prompts[0])]))[0]
         assert np.isfinite(s).all() and s.shape == (len(prompts[0]),), (
             f"mode {mode} image: scores {s}"
         )

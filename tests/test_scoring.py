@@ -323,7 +323,7 @@ class SerialExecutor:
         return {"name": self.name, "options": {}}
 
     def batches(self, model, plan, batch_size):
-        from harness.scoring.runner import decode_and_preprocess, run_with_backoff
+        from harness.scoring.batches import decode_and_preprocess, run_with_backoff
 
         for i in plan.todo:
             x, err = decode_and_preprocess(plan.paths[i], model.preprocessor())

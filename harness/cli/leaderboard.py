@@ -60,8 +60,6 @@ def _default_out(benchmark: str) -> Path:
 def config_from_flags(ctx: click.Context, p: dict[str, Any]) -> Any:
     """A LeaderboardConfig from the flags; with ``--config``, only flags given explicitly
     replace the file's values."""
-    from click.core import ParameterSource
-
     from harness.evaluation.config import LeaderboardConfig
 
     cache: Any = False if p["no_cache"] else (str(p["cache"]) if p["cache"] is not None else True)
@@ -83,30 +81,29 @@ def config_from_flags(ctx: click.Context, p: dict[str, Any]) -> Any:
     if p["config_path"] is None:
         return LeaderboardConfig.from_dict(values)
 
-    def given(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-
     overrides: dict[str, dict[str, Any]] = {}
     for param, (name, _) in FLAGS.items():
         group, key = param.split(".")
-        if given(name) or (key == "cache" and given("no_cache")) or (key == "prompt_options" and given("llm_base_url")):
+        if (_given(ctx, name) or (key == "cache" and _given(ctx, "no_cache"))
+                or (key == "prompt_options" and _given(ctx, "llm_base_url"))):
             overrides.setdefault(group, {})[key] = values[group][key]
     return LeaderboardConfig.from_yaml(p["config_path"], overrides)
 
 
-def _culprit(ctx: click.Context, param: str, config_path: Path | None) -> str:
-    """The flag behind a config parameter, or its key in the --config file if no flag set it."""
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the user set the parameter ``name`` on the command line (not a default)."""
     from click.core import ParameterSource
 
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT,
+                                                  ParameterSource.DEFAULT_MAP)
+
+
+def _culprit(ctx: click.Context, param: str, config_path: Path | None) -> str:
+    """The flag behind a config parameter, or its key in the --config file if no flag set it."""
+
     name, flag = FLAGS.get(param, (None, param))
-    if config_path is not None and name is not None:
-        source = ctx.get_parameter_source(name)
-        if source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            return f"{param} in {config_path}"
-    if config_path is not None and name is None:
-        return f"{param} in {config_path}"
-    return flag
+    from_file = name is None or not _given(ctx, name)
+    return f"{param} in {config_path}" if config_path is not None and from_file else flag
 
 
 def _str(path: Path | None) -> str | None:

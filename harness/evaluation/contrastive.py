@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.io import read_json
 from harness.plugins import get_plugins
 from harness.types import BenchmarkData
 
@@ -53,13 +53,7 @@ def generate(generator: str, prompts: Iterable[str], options: Mapping[str, Any] 
 
 def read_sets(path: str | Path) -> dict[str, list[str]]:
     """A JSON file ``{prompt: [contrastive prompts]}``."""
-    path = Path(path).expanduser()
-    try:
-        by_prompt = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise HarnessError(f"cannot read prompt sets '{path}': {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"malformed JSON in prompt sets '{path}': {exc.msg} at line {exc.lineno}") from exc
+    by_prompt = read_json(path, "prompt-sets file", "expected {prompt: [contrastive prompts]}")
     if not isinstance(by_prompt, dict):
         raise HarnessError(f"prompt sets '{path}' must be a JSON object {{prompt: [prompts]}}")
     for prompt, values in by_prompt.items():

@@ -13,7 +13,6 @@ for the metrics auroc, auprc, ap5, ap10, ap25, spearman, kendall.
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.evaluation.metrics import METRICS
-from harness.io import atomic_path, write_json, write_text
+from harness.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:
     from harness.evaluation.leaderboard import LeaderboardResult
@@ -190,15 +189,12 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
     return out
 
 
+_RUN_FOLDER = "give a folder written by harness leaderboard"
+
+
 def load_rows(run_dir: str | Path) -> pd.DataFrame:
     """Read ``leaderboard.json`` of a run folder back into a DataFrame."""
-    path = Path(run_dir) / "leaderboard.json"
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise HarnessError(f"no leaderboard.json in '{run_dir}' (is it a run folder?)") from exc
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"malformed {path}: {exc.msg} at line {exc.lineno}") from exc
+    records = read_json(Path(run_dir) / "leaderboard.json", "run file", _RUN_FOLDER)
     rows = pd.DataFrame(records)
     for m in METRICS:
         rows[m] = rows[m].astype(float)
@@ -209,15 +205,8 @@ def load_rows(run_dir: str | Path) -> pd.DataFrame:
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, str, list[str], float]:
     """A run folder's rows, title, notes and confidence level, as the run wrote them."""
     rows = load_rows(run_dir)
-    path = Path(run_dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise HarnessError(f"no manifest.json in '{run_dir}' (is it a run folder?)") from exc
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"malformed {path}: {exc.msg} at line {exc.lineno}") from exc
-    report = manifest.get("report") or {}
-    confidence = report.get("confidence", (manifest.get("config") or {}).get("report", {}).get("confidence", 0.95))
+    report = read_json(Path(run_dir) / "manifest.json", "run file", _RUN_FOLDER).get("report") or {}
+    confidence = report.get("confidence", 0.95)  # runs written before it was recorded said 95%
     return rows, report.get("title", ""), list(report.get("notes", [])), float(confidence)
 
 

@@ -18,7 +18,6 @@ to combine them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -114,23 +113,6 @@ def reward_from_settings(settings: FineTuneSettings, device: str | None = None) 
     )
 
 
-def _generator(source: str) -> Any:
-    """A prompt-set generator from ``id`` or ``id:key=value,...`` (only declared arguments)."""
-    from harness.plugins import get_plugins
-    from harness.scoring.specs import parse_model_spec
-
-    spec = parse_model_spec(source)
-    cls = get_plugins().prompt_generators.get(spec.name)
-    params = inspect.signature(cls.__init__).parameters
-    any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in spec.options:
-        if key not in params and not any_kw:
-            declared = ", ".join(n for n in params if n != "self") or "none"
-            raise HarnessError(f"prompt generator '{spec.name}' takes no option '{key}' "
-                               f"(config 'contrastive_prompts'); its options: {declared}")
-    return cls(**spec.options)
-
-
 class RewardFunction:
     """``reward(images, prompts) -> float64 [B]`` from one reward-model spec or a list of them.
 
@@ -183,8 +165,11 @@ class RewardFunction:
             data = read_sets(str(source))
             found = {p: list(data.get(p, [])) for p in missing}
         else:
-            generated = _generator(str(source)).generate(missing)
-            found = {p: list(generated.get(p, [])) for p in missing}
+            from harness.evaluation.contrastive import generate
+            from harness.scoring.specs import parse_model_spec
+
+            spec = parse_model_spec(str(source))  # id or id:key=value,... (declared settings only)
+            found = generate(spec.name, missing, spec.options)
         empty = [p for p, v in found.items() if not v]
         if empty:
             raise HarnessError(f"no contrastive prompts for training prompt {empty[0]!r} in '{source}'")
@@ -194,7 +179,7 @@ class RewardFunction:
         """``{label: B arrays}``: each image's scores against its prompt (then its contrastive ones)."""
         import torch
 
-        from harness.scoring.runner import collate, run_with_backoff
+        from harness.scoring.batches import collate, run_with_backoff
 
         if self.uses_contrastive:
             self._add_sets(prompts)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "score_images": "harness.scoring.runner",
     "score_models": "harness.scoring.runner",
     "ModelScores": "harness.scoring.runner",
-    "open_image": "harness.scoring.runner",
+    "open_image": "harness.scoring.batches",
     "ScoreCache": "harness.scoring.cache",
     "open_score_cache": "harness.scoring.cache",
     "Executor": "harness.scoring.executors",
@@ -51,11 +51,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from harness.scoring.batches import open_image
     from harness.scoring.cache import ScoreCache, open_score_cache
     from harness.scoring.executors import Executor, LocalExecutor
     from harness.scoring.plan import ScorePlan, ScoreRun, model_cache_key
     from harness.scoring.ray import RayExecutor, RayOptions
-    from harness.scoring.runner import ModelScores, open_image, score_images, score_models
+    from harness.scoring.runner import ModelScores, score_images, score_models
     from harness.scoring.specs import (
         ModelSpec,
         check_unique_labels,

@@ -66,17 +66,17 @@ class LocalExecutor:
     def batches(self, model: RewardModel, plan: ScorePlan, batch_size: int) -> Iterator[Batch]:
         from torch.utils.data import DataLoader
 
-        from harness.scoring.runner import _collate, _Images, run_with_backoff
+        from harness.scoring.batches import ImageDataset, collate_items, run_with_backoff
 
         pin_memory = self.pin_memory
         if pin_memory is None:
             pin_memory = str(getattr(model, "device", "cpu")).startswith("cuda")
         loader = DataLoader(
-            _Images([plan.paths[i] for i in plan.todo], model.preprocessor()),
+            ImageDataset([plan.paths[i] for i in plan.todo], model.preprocessor()),
             batch_size=batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=_collate,
+            collate_fn=collate_items,
             pin_memory=pin_memory,
             persistent_workers=False,
         )

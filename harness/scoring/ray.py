@@ -95,7 +95,7 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 def _read(batch: dict[str, np.ndarray], preprocess: Any) -> dict[str, Any]:
     """CPU stage: decode (as opened, no conversion) and preprocess; failures travel as a string."""
-    from harness.scoring.runner import decode_and_preprocess
+    from harness.scoring.batches import decode_and_preprocess
 
     pixels, errors = [], []
     for path in batch["path"]:
@@ -132,7 +132,7 @@ class _ModelActor:
         if good:
             pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][k]) for k in good]))
             prompts = [json.loads(batch["prompts"][k]) for k in good]
-            from harness.scoring.runner import run_with_backoff
+            from harness.scoring.batches import run_with_backoff
 
             # Out-of-memory on the actor's GPU halves the batch, as in the local executor.
             for k, values in zip(good, run_with_backoff(self.model, pixels, prompts), strict=True):

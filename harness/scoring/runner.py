@@ -12,8 +12,8 @@ run killed midway resumes where it stopped with the same final scores.
 :func:`score_models` is the library entry point used by ``harness score`` and the leaderboard:
 model specs in, one :class:`ModelScores` per model out.
 
-Images reach :meth:`~harness.types.RewardModel.preprocess` as opened (:func:`open_image`: no
-conversion), so each model converts palette, RGBA, CMYK, ... images the way its original does.
+Images reach :meth:`~harness.types.RewardModel.preprocess` as opened
+(:func:`harness.scoring.batches.open_image`: no conversion), so each model converts palette, RGBA, CMYK, ... images the way its original does.
 
 Failures: an unreadable or corrupt image is recorded in ``ScoreRun.failed`` (path -> reason) and
 the rest are scored; a NaN or infinite score raises :class:`HarnessError` naming the model, image
@@ -30,124 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from harness.errors import HarnessError
 from harness.scoring.cache import ScoreCache, open_score_cache
+from harness.scoring.executors import Executor, LocalExecutor
 from harness.scoring.plan import ScorePlan, ScoreRun
 from harness.types import RewardModel
 
 if TYPE_CHECKING:
-    from harness.scoring.executors import Executor
     from harness.scoring.specs import ModelSpec
 
 log = logging.getLogger("harness.scoring")
-
-
-def open_image(path: str | Path) -> Any:
-    """The one image decoder: ``Image.open`` + ``load()``, in the file's own mode (no convert)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-    return img
-
-
-def decode_and_preprocess(path: str | Path, preprocess: Any) -> tuple[Any, str | None]:
-    """``(preprocessed input, None)`` or ``(None, "ErrorType: message")`` for one image file."""
-    try:
-        return preprocess(open_image(path)), None
-    except Exception as exc:  # noqa: BLE001 - any decode failure names the file
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-class _Images:
-    """Map-style dataset: index -> (index, preprocessed image or None, error message or None)."""
-
-    def __init__(self, paths: Sequence[str], preprocess: Any):
-        self.paths = list(paths)
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
-        x, err = decode_and_preprocess(self.paths[i], self.preprocess)
-        return i, x, err
-
-
-def collate(inputs: list[Any]) -> Any:
-    """Preprocessed inputs -> one batch: stacked tensors or arrays, dicts of them, else a list."""
-    first = inputs[0]
-    if isinstance(first, dict):
-        return {k: collate([x[k] for x in inputs]) for k in first}
-    if type(first).__module__.startswith("torch"):
-        import torch
-
-        if isinstance(first, torch.Tensor):
-            return torch.stack(inputs)
-    if isinstance(first, np.ndarray):
-        return np.stack(inputs)
-    return list(inputs)
-
-
-def _collate(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    """DataLoader collate: ``(index, input, error)`` items -> ``(indices, batch, failures)``."""
-    ok = [(i, x) for i, x, err in items if err is None]
-    bad = [(i, err) for i, _, err in items if err is not None]
-    if not ok:
-        return [], None, bad
-    return [i for i, _ in ok], collate([x for _, x in ok]), bad
-
-
-def _is_oom(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def _slice(batch: Any, lo: int, hi: int) -> Any:
-    if isinstance(batch, dict):
-        return {k: _slice(v, lo, hi) for k, v in batch.items()}
-    return batch[lo:hi]
-
-
-def _to_numpy(x: Any) -> Any:
-    if hasattr(x, "detach"):
-        return x.detach().float().cpu().numpy()
-    return x
-
-
-def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]]) -> list[np.ndarray]:
-    features = model.embed_images(batch)
-    return [np.asarray(_to_numpy(s), dtype=np.float64).reshape(-1)
-            for s in model.score(features, prompts)]
-
-
-def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]) -> list[np.ndarray]:
-    """Score a batch; on out-of-memory, split it in halves and retry (down to one image).
-
-    The retry happens after the ``except`` block: inside it, the traceback would keep the failed
-    forward pass's tensors alive and the smaller batches would run out of memory too.
-    """
-    try:
-        return _embed_and_score(model, batch, prompts)
-    except Exception as exc:
-        if not _is_oom(exc) or len(prompts) == 1:
-            raise
-        del exc
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-    n = len(prompts)
-    half = n // 2
-    log.warning("out of memory at batch size %d; retrying with %d", n, half)
-    return run_with_backoff(model, _slice(batch, 0, half), prompts[:half]) + run_with_backoff(
-        model, _slice(batch, half, n), prompts[half:]
-    )
 
 
 def score_images(
@@ -171,8 +63,6 @@ def score_images(
     :returns: a :class:`ScoreRun`; ``scores[i]`` is None for images in ``failed``;
         ``executor_info`` holds the executor's name, options and facts of the run.
     """
-    from harness.scoring.executors import LocalExecutor
-
     if len(paths) != len(prompts):
         raise ValueError(f"{len(paths)} images but {len(prompts)} prompt lists")
     if batch_size < 1:

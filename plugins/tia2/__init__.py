@@ -10,7 +10,6 @@ three labels are 1; ``graded`` is the mean of the three labels with -1 counted a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 
 from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
-from harness.io import cache_dir, fetch, sha256_file
+from harness.io import cache_dir, fetch, read_json, sha256_file
 from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
 
 log = logging.getLogger("harness.tia2")
@@ -41,18 +40,8 @@ def _card() -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise HarnessError(
-            f"malformed annotation file {path}: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            " (truncated or not JSON; re-download it or pass the original --data folder)"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise HarnessError(f"malformed annotation file {path}: not UTF-8 text") from exc
-    except OSError as exc:
-        raise HarnessError(f"cannot read annotation file {path}: {exc.strerror}") from exc
+    return read_json(path, "annotation file",
+                     "truncated or not JSON; re-download it or pass the original --data folder")
 
 
 class TIA2(Benchmark):
