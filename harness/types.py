@@ -187,12 +187,16 @@ class Hyperparameter:
         scales), chosen for each model by running the normalizer on that model alone; other
         hyperparameters are chosen afterwards with those values fixed.
     :param default: the value used when nothing is tuned (default: the first grid value).
+    :param simplest: the value preferred when grid points score the same (within rounding) in
+        the search, e.g. 1 for a temperature, 0 for a penalty weight (default: ``default``);
+        among tied points the one nearest to it wins.
     """
 
     name: str
     grid: tuple[float, ...]
     per_model: bool = False
     default: float | None = None
+    simplest: float | None = None
 
     def __post_init__(self) -> None:
         if not self.grid:
@@ -201,6 +205,18 @@ class Hyperparameter:
     @property
     def default_value(self) -> float:
         return self.grid[0] if self.default is None else self.default
+
+    @property
+    def simplest_value(self) -> float:
+        return self.default_value if self.simplest is None else self.simplest
+
+    def complexity(self, value: float) -> tuple[int, float]:
+        """Sort key of a grid value: how many grid steps it is from the grid point nearest to
+        :attr:`simplest_value` (then the smaller value first)."""
+        grid = [float(v) for v in self.grid]
+        home = min(range(len(grid)), key=lambda i: (abs(grid[i] - float(self.simplest_value)), i))
+        where = grid.index(float(value)) if float(value) in grid else home
+        return (abs(where - home), float(value))
 
 
 class Normalizer(ABC):

@@ -63,11 +63,14 @@ def stacked_shape(scores: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 def textnorm_confidence(raw: np.ndarray, column_mask: np.ndarray, scale: float) -> np.ndarray:
     """``[P, N, K]`` raw scores -> ``[P, N]`` softmax probability of column 0 at temperature
-    ``1 / scale``, over the columns ``column_mask [P, K]`` marks (a stable log-sum-exp)."""
+    ``1 / scale``, over the columns ``column_mask [P, K]`` marks.
+
+    Computed as ``exp(z_0 - z_max) / sum_k exp(z_k - z_max)`` (stable, and exact where it can
+    be: a reward that gives every column the same score gets exactly ``1 / K``, for every scale).
+    """
     z = np.where(column_mask[:, None, :], scale * raw, -np.inf)
-    zmax = z.max(axis=2, keepdims=True)
-    lse = np.log(np.exp(z - zmax).sum(axis=2)) + zmax[:, :, 0]
-    return np.exp(z[:, :, 0] - lse)
+    e = np.exp(z - z.max(axis=2, keepdims=True))
+    return e[:, :, 0] / e.sum(axis=2)
 
 
 class _Vectorised(Normalizer):
@@ -141,7 +144,7 @@ class UREnsemble(_Calibrated):
     min_models: ClassVar[int] = 2
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
         *_Calibrated.hyperparameters,
-        Hyperparameter("lam", LAMBDAS, default=0.5),
+        Hyperparameter("lam", LAMBDAS, default=0.5, simplest=0.0),
     )
 
     def __init__(self, **values: Any):

@@ -163,7 +163,7 @@ def test_calibration_errors():
 
 
 def test_leaderboard_calibration_drops_images_a_model_could_not_score():
-    from harness.evaluation.leaderboard import _calibrated_rows
+    from harness.evaluation.leaderboard import _calibrated_rows, _common_images
 
     data, frame = synthetic(P=6, N=8, C=3)
     frame = frame.assign(subset="s")
@@ -174,13 +174,13 @@ def test_leaderboard_calibration_drops_images_a_model_could_not_score():
     from harness.evaluation.config import CalibrationSection
 
     jobs = [("textnorm", ["a"]), ("textnorm", ["b"]), ("ur", ["a", "b"])]
-    parts, record = _calibrated_rows(scores[~gone], labels, ["a", "b"], jobs,
-                                     CalibrationSection(prompts="x", folds=3), seed=0)
+    common, kept = _common_images(scores[~gone], labels, 2)
+    assert len(kept) == len(labels) - 1 and len(common) == len(scores) - 2 * 4  # a's i3 too
+    parts, record = _calibrated_rows(common, kept, jobs, CalibrationSection(prompts="x", folds=3), seed=0)
     rows = pd.concat(parts)
     p0 = rows[(rows.prompt == "p0")]
     assert set(p0["n_images"]) == {7}  # i3 left out for every model, once per image
     assert set(rows[rows.prompt == "p1"]["n_images"]) == {8}
-    assert "1 images not scored by every model" in record[0]["summary"]
     # The same numbers as calibrating without that image from the start.
     ref = calibrate(ContrastiveScores.from_long(frame[~((frame.prompt == "p0") & (frame.image == "i3"))], "s"),
                     "textnorm", ["a"], k=3, seed=0)

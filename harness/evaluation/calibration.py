@@ -17,6 +17,10 @@ Selection (:func:`calibrate`):
   to score the fold's own prompts; every prompt is therefore scored with values chosen without its
   labels. Per-model hyperparameters are chosen per model (each model alone: its own TextNorm
   scale), then the shared ones (``lam`` for ``ur``) given those.
+Ties: grid points whose mean metric is equal within rounding are tied, and the simplest of them
+wins (each hyperparameter declares its ``simplest`` value: 1 for TextNorm's scale, 0 for
+``lam``), so rounding noise never picks a value.
+
 - ``oracle``: per prompt, the best grid point against that prompt's own labels, which is what the
   released per-prompt TextNorm values appear to do. Rows tuned this way are labelled "oracle".
 
@@ -146,14 +150,32 @@ class Calibrated:
         return f"{len(self.chosen)}-fold cv: " + ", ".join(parts)
 
 
-def _best(values: np.ndarray) -> int:
-    """Index of the grid point with the best mean over training prompts (``[G, P]``); the
-    first one when the metric is undefined on every training prompt."""
+#: grid points whose mean selection metric is within this of the best are tied
+SELECTION_TOL = 1e-9
+
+
+def _simplest_first(grid: Sequence[Mapping[str, float]], hypers: Sequence[Hyperparameter]) -> list[int]:
+    """Grid indices from the simplest point to the most complex (declaration order decides)."""
+    by_name = {h.name: h for h in hypers}
+    return sorted(range(len(grid)), key=lambda i: tuple(
+        by_name[k].complexity(v) for k, v in grid[i].items()))
+
+
+def _best(values: np.ndarray, preference: Sequence[int]) -> int:
+    """Index of the grid point with the best mean over training prompts (``[G, P]``).
+
+    Means within :data:`SELECTION_TOL` of the best are ties, won by the earliest grid point in
+    ``preference`` (simplest first); the simplest point when the metric is undefined on every
+    training prompt.
+    """
     with np.errstate(invalid="ignore"):
         ok = ~np.isnan(values)
         means = np.where(ok, values, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
     means[ok.sum(1) == 0] = -np.inf
-    return int(np.argmax(means))
+    top = means.max()
+    if not np.isfinite(top):
+        return int(preference[0])
+    return next(int(i) for i in preference if means[i] >= top - SELECTION_TOL)
 
 
 def _selection_index(metric: str) -> int:
@@ -270,7 +292,8 @@ def calibrate(
     if selection == "oracle":
         grid = _grid(hypers)
         table = np.stack([evaluate(point, models) for point in grid])  # [G, P, 7]
-        best = np.nanargmax(np.nan_to_num(table[:, :, sel], nan=-np.inf), axis=0)
+        order = _simplest_first(grid, hypers)
+        best = np.array([_best(table[:, [p], sel], order) for p in range(len(data.prompts))])
         values = table[best, np.arange(len(data.prompts))]
         chosen = [{"prompt": p, **grid[b]} for p, b in zip(data.prompts, best, strict=True)]
         return Calibrated(name, models, frame(values), "oracle", chosen)
@@ -279,6 +302,7 @@ def calibrate(
     shared = [h for h in hypers if not h.per_model]
     shared_defaults = {h.name: h.default_value for h in shared}
     model_grid = _grid(per_model)
+    model_order = _simplest_first(model_grid, per_model)
     # Each model alone, at every per-model grid point: [G, P, 7] per model.
     alone = {m: np.stack([evaluate({**point, **shared_defaults}, [m]) for point in model_grid])
              for m in models} if per_model else {}
@@ -287,7 +311,7 @@ def calibrate(
     chosen = []
     for f, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(data.prompts)), test)
-        picked = {m: model_grid[_best(alone[m][:, train, sel])] for m in alone}
+        picked = {m: model_grid[_best(alone[m][:, train, sel], model_order)] for m in alone}
         fixed = {h.name: {m: picked[m][h.name] for m in models} for h in per_model}
         entry: dict[str, Any] = {"fold": f, "n_test": int(len(test))}
         for h in per_model:
@@ -298,7 +322,7 @@ def calibrate(
         if shared:
             points = _grid(shared)
             table = [evaluate({**fixed, **point}, models) for point in points]
-            j = _best(np.stack([t[train, sel] for t in table]))
+            j = _best(np.stack([t[train, sel] for t in table]), _simplest_first(points, shared))
             values[test] = table[j][test]
             entry.update(points[j])
         elif len(models) == 1 and per_model:

@@ -85,15 +85,16 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
 
         check_unique_labels([parse_model_spec(m) for m in s.models])
     loaded = bench.load(subsets)
+    # The released metrics were computed on every image of the benchmark: their counts too.
+    counts = (
+        loaded.images.groupby(["subset", "prompt"], observed=True)["binary"]
+        .agg(n_images="size", n_positive="sum")
+        .reset_index()
+    )
     missing: list[str] = []
     if d.images is not None:
         loaded, missing = bench.resolve_images(loaded, d.images, skip_missing=d.skip_missing)
     labels = loaded.images
-    counts = (
-        labels.groupby(["subset", "prompt"], observed=True)["binary"]
-        .agg(n_images="size", n_positive="sum")
-        .reset_index()
-    )
 
     parts: list[pd.DataFrame] = []
     notes: list[str] = []
@@ -114,9 +115,15 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         if any(plugins.normalizers.get(name).needs_contrastive for name, _ in jobs):
             contrastive = contrastive_sets(loaded, c.prompts, c.prompt_options, d.data)
         scores_frame, failed, model_info = _score(labels, s, contrastive, progress)
+        # Rows side by side judge the same images: those every model scored.
+        scores_frame, evaluated = _common_images(scores_frame, labels, len(model_info))
+        if len(evaluated) < len(labels):
+            notes.append(f"{len(labels) - len(evaluated)} images not scored by every model (see "
+                         "failed_images in manifest.json) were left out of the scored, calibrated "
+                         "and human rows; reported rows are the released metrics on all images")
+        labels = evaluated
         if jobs:
-            cal_parts, calibration = _calibrated_rows(
-                scores_frame, labels, [m["method"] for m in model_info], jobs, c, seed=r.seed)
+            cal_parts, calibration = _calibrated_rows(scores_frame, labels, jobs, c, seed=r.seed)
             parts.extend(cal_parts)
             for cal in calibration:
                 notes.append(f"{cal['subset']}/{cal['method']}: prompts {cal['prompts']}; {cal['summary']}")
@@ -133,8 +140,6 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
             pp["method"] = method
             pp["source"] = "scored"
             parts.append(pp)
-        if failed:
-            notes.append(f"{len(failed)} images could not be read and were not scored")
     if d.include_human and len(label_columns(labels)) >= 2:
         human = human_agreement(labels)
         human["method"] = "human"
@@ -144,7 +149,12 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         raise HarnessError("nothing to put on the leaderboard: no reported rows and no human row")
     per_prompt = pd.concat([p[list(PER_PROMPT_KEYS)] for p in parts], ignore_index=True)
     # Only prompts with both binary classes enter the means (AUROC is undefined otherwise).
-    per_prompt = per_prompt[per_prompt["auroc"].notna()]
+    per_prompt = per_prompt[per_prompt["auroc"].notna()].copy()
+    for col in ("n_images", "n_positive"):
+        if per_prompt[col].isna().any():  # pragma: no cover - a benchmark whose reported prompts have no labels
+            bad = per_prompt.loc[per_prompt[col].isna(), "prompt"].iloc[0]
+            raise HarnessError(f"benchmark '{bench.id}' reports prompt {bad!r} that has no labelled images")
+        per_prompt[col] = per_prompt[col].astype(np.int64)
     order = {name: i for i, name in enumerate(bench.subsets)}
     per_prompt = per_prompt.sort_values(
         "subset", key=lambda col: col.map(order), kind="stable"
@@ -169,7 +179,8 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
             "source": loaded.source,
             "files": {**loaded.files, **bench.files_read()},
             "checksum_mismatches": bench.mismatched_files(),
-            "n_images": int(len(labels)),
+            "n_images": int(len(loaded.images)),
+            "n_images_evaluated": int(len(labels)),
             "missing_images": len(missing),
             "failed_images": failed,
         },
@@ -268,6 +279,17 @@ def _score(labels: pd.DataFrame, s: ScoringSection,
     return pd.concat(frames, ignore_index=True), failed, info
 
 
+def _common_images(scores: pd.DataFrame, labels: pd.DataFrame, n_models: int,
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The scores and labels of the images every one of ``n_models`` models scored."""
+    keys = ["subset", "prompt", "image"]
+    per_image = scores[scores["column"] == 0].groupby(keys, sort=False)["method"].nunique()
+    complete = per_image[per_image == n_models].index
+    in_labels = pd.MultiIndex.from_frame(labels[keys].astype({"subset": str})).isin(complete)
+    in_scores = pd.MultiIndex.from_frame(scores[keys]).isin(complete)
+    return scores[in_scores].reset_index(drop=True), labels[in_labels]
+
+
 def make_executor(s: ScoringSection) -> Any:
     """The executor the scoring settings ask for."""
     from harness.scoring import LocalExecutor, RayExecutor, RayOptions
@@ -279,8 +301,8 @@ def make_executor(s: ScoringSection) -> Any:
 
 
 def _calibrated_rows(
-    scores: pd.DataFrame, labels: pd.DataFrame, models: list[str],
-    jobs: list[tuple[str, list[str]]], c: CalibrationSection, *, seed: int,
+    scores: pd.DataFrame, labels: pd.DataFrame, jobs: list[tuple[str, list[str]]],
+    c: CalibrationSection, *, seed: int,
 ) -> tuple[list[pd.DataFrame], list[dict[str, Any]]]:
     from harness.evaluation.calibration import ContrastiveScores, calibrate
 
@@ -290,18 +312,6 @@ def _calibrated_rows(
     merged = merged.rename(columns={"method": "model"})
     parts, record = [], []
     for subset, frame in merged.groupby("subset", sort=False):
-        # Images that some model could not score are left out of every calibrated row, so that
-        # each model and ensemble sees the same images.
-        own = frame[frame["column"] == 0]
-        per_image = own.groupby(["prompt", "image"])["model"].nunique()
-        complete = per_image[per_image == len(models)].index
-        if len(complete) < len(per_image):
-            record.append({"subset": subset, "method": "(calibration)", "prompts": c.prompts,
-                           "summary": f"{len(per_image) - len(complete)} images not scored by every "
-                                      "model were left out of the calibrated rows",
-                           "selection": None, "chosen": []})
-        keep = frame.set_index(["prompt", "image"]).index.isin(complete)
-        frame = frame[keep]
         tensor = ContrastiveScores.from_long(frame, subset)
         if c.standardize:
             tensor = tensor.standardized()

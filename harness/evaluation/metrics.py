@@ -13,6 +13,11 @@ and graded labels ``g_i``:
 - ``spearman``: Spearman rank correlation of ``s`` with ``g`` (average ranks for ties).
 - ``kendall``: Kendall tau-b of ``s`` with ``g``.
 
+Ties: scores of one prompt that differ by no more than rounding noise (``|a - b| <= 1e-9
+max(|a|, |b|) + 1e-15``, chained through sorted neighbours) are the same score for every metric
+(:func:`merge_ties`), so a reward that cannot tell images apart gets an AUROC of exactly 1/2
+rather than whatever its last bits say.
+
 Everything is vectorised over prompts: a prompt is one row of a padded ``[P, N]`` matrix with a
 boolean mask of the images it really has. Prompts whose images all share one binary label have an
 undefined AUROC (NaN); :func:`aggregate` drops them, as the paper does.
@@ -74,6 +79,35 @@ def _kendall_tau_b(s: np.ndarray, g: np.ndarray, mask: np.ndarray) -> np.ndarray
     return np.clip(out, -1.0, 1.0)
 
 
+#: scores within ``RTOL * max(|a|, |b|) + ATOL`` of each other are tied
+TIE_RTOL = 1e-9
+TIE_ATOL = 1e-15
+
+
+def merge_ties(scores: np.ndarray, mask: np.ndarray, rtol: float = TIE_RTOL,
+               atol: float = TIE_ATOL) -> np.ndarray:
+    """``[P, N]`` scores with each run of near-equal valid scores of a row set to its smallest.
+
+    Sorted neighbours within ``rtol * max(|a|, |b|) + atol`` join one group (so a group spans
+    at most a few tolerances in practice); padded entries are returned unchanged.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(np.where(mask, s, np.inf), axis=1, kind="stable")
+    ss = np.take_along_axis(s, order, axis=1)
+    ms = np.take_along_axis(mask, order, axis=1)
+    gap = np.abs(np.diff(ss, axis=1))
+    close = gap <= rtol * np.maximum(np.abs(ss[:, 1:]), np.abs(ss[:, :-1])) + atol
+    close &= ms[:, 1:] & ms[:, :-1]
+    # Each entry takes the value at the start of its run of "close" steps.
+    start = np.where(np.concatenate([np.ones((len(ss), 1), bool), ~close], axis=1),
+                     np.arange(ss.shape[1]), 0)
+    start = np.maximum.accumulate(start, axis=1)
+    merged = np.take_along_axis(ss, start, axis=1)
+    out = s.copy()
+    np.put_along_axis(out, order, np.where(ms, merged, ss), axis=1)
+    return out
+
+
 def batch_prompt_metrics(
     scores: np.ndarray,
     binary_labels: np.ndarray,
@@ -87,7 +121,7 @@ def batch_prompt_metrics(
     :param graded_labels: float ``[P, N]``, the target of ``spearman`` and ``kendall``.
     :param mask: bool ``[P, N]``, True where the prompt has an image; all True when omitted.
     :returns: ``{metric: float64 [P]}`` with NaN where a metric is undefined (one class, constant
-        scores or labels).
+        scores or labels). Scores within rounding noise of each other are ties (:func:`merge_ties`).
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2:
@@ -105,6 +139,7 @@ def batch_prompt_metrics(
     if not np.isfinite(g[m]).all():
         raise ValueError("graded labels contain NaN or infinite values")
     P, N = s.shape
+    s = merge_ties(s, m) if N > 1 else s
     y = y & m
     n = m.sum(1)
     npos = y.sum(1)
@@ -248,6 +283,9 @@ def aggregate(
             out[f"{name}_ci"] = [float("nan"), float("nan")]
             continue
         boot = _nanmean_rows(col[idx])
+        if np.isnan(boot).all():  # undefined on every prompt (e.g. constant scores)
+            out[f"{name}_ci"] = [float("nan"), float("nan")]
+            continue
         lo, hi = np.nanquantile(boot, [alpha, 1.0 - alpha])
         out[f"{name}_ci"] = [float(lo), float(hi)]
     return out
