@@ -328,7 +328,11 @@ class FineTuneSettings:
     device: str | None = None
 
     def validate(self) -> None:
-        """Raise :class:`HarnessError` naming the key of any impossible value."""
+        """Raise :class:`HarnessError` naming the key of any impossible value (a value of the
+        wrong type first: ``prompts: a cat`` or ``use_lora: 'false'``)."""
+        from harness.config import check_types
+
+        check_types(self)
         if not self.prompts and not self.prompts_file:
             raise HarnessError("config needs training 'prompts' (a list) or a 'prompts_file'")
 

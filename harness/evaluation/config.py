@@ -8,7 +8,6 @@ key names as :meth:`LeaderboardConfig.asdict`); ``asdict()`` is what the run man
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,14 +118,16 @@ class LeaderboardConfig:
 
     def validate(self) -> None:
         """Check every value that can be checked before any work starts."""
+        from harness.config import type_problem
+
         for group in dataclasses.fields(self):
             section = getattr(self, group.name)
             hints = typing.get_type_hints(type(section))
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
-                if not _matches(value, hints[f.name]):
-                    raise ConfigError(f"{group.name}.{f.name}",
-                                      f"must be {_describe(hints[f.name])}, got {value!r}")
+                problem = type_problem(value, hints[f.name])
+                if problem is not None:
+                    raise ConfigError(f"{group.name}.{f.name}", problem)
         d, s, c, r = self.data, self.scoring, self.calibration, self.report
         if r.bootstrap < 0:
             raise ConfigError("report.bootstrap", f"must be >= 0, got {r.bootstrap}")
@@ -177,40 +178,3 @@ def _section(factory: Any, values: Any, group: str) -> Any:
             value = float(value)
         converted[key] = value
     return cls(**converted)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
-    if origin is dict:
-        return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

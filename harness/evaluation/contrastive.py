@@ -44,11 +44,16 @@ def generate(generator: str, prompts: Iterable[str], options: Mapping[str, Any] 
     out = {}
     for prompt in wanted:
         values = sets.get(prompt)
-        if isinstance(values, str) or not isinstance(values, Iterable):
-            raise HarnessError(f"prompt generator '{generator}' gave no list of contrastive "
-                               f"prompts for {prompt!r}")
-        out[prompt] = [str(v) for v in values]
+        if not is_prompt_list(values):
+            raise HarnessError(f"prompt generator '{generator}' gave {values!r:.60} for {prompt!r}; "
+                               "expected a list of contrastive prompts (strings)")
+        out[prompt] = list(values)
     return out
+
+
+def is_prompt_list(values: Any) -> bool:
+    """A list (or tuple) of strings: never a bare string, whose characters would pass for prompts."""
+    return isinstance(values, (list, tuple)) and all(isinstance(v, str) for v in values)
 
 
 def read_sets(path: str | Path) -> dict[str, list[str]]:
@@ -57,7 +62,7 @@ def read_sets(path: str | Path) -> dict[str, list[str]]:
     if not isinstance(by_prompt, dict):
         raise HarnessError(f"prompt sets '{path}' must be a JSON object {{prompt: [prompts]}}")
     for prompt, values in by_prompt.items():
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        if not is_prompt_list(values):
             raise HarnessError(f"prompt sets '{path}': the value of {prompt!r} must be a list of "
                                "strings")
     return by_prompt
@@ -80,7 +85,14 @@ def contrastive_sets(
         if not loaded.contrastive:
             raise HarnessError(f"benchmark '{loaded.benchmark}' ships no contrastive prompt sets: "
                                "pass --prompts with a generator (rules, llm) or a JSON file")
-        sets = {pair: list(loaded.contrastive.get(pair, [])) for pair in pairs}
+        sets = {}
+        for pair in pairs:
+            values = loaded.contrastive.get(pair, [])
+            if not is_prompt_list(values):
+                raise HarnessError(f"benchmark '{loaded.benchmark}' gave {type(values).__name__} "
+                                   f"{values!r:.60} as the contrastive prompts of {pair[1]!r}; "
+                                   "expected a list of strings (a bug in the benchmark plugin)")
+            sets[pair] = list(values)
     elif path.suffix == ".json" or path.is_file():
         by_prompt = read_sets(path)
         sets = {(s, p): list(by_prompt.get(p, [])) for s, p in pairs}

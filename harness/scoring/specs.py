@@ -84,6 +84,27 @@ def parse_model_spec(text: str) -> ModelSpec:
     return ModelSpec(name, options)
 
 
+def _typed_option(cls: type, spec: ModelSpec, key: str, value: Any) -> Any:
+    """``value`` checked against the constructor's annotation of ``key`` (a number given where
+    the constructor takes text, e.g. a checkpoint folder named ``2024``, stays text)."""
+    import typing
+
+    from harness.config import type_problem
+
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(key)
+    except Exception:  # noqa: BLE001 - annotations that cannot be evaluated are not checked
+        return value
+    if hint is None:
+        return value
+    if not isinstance(value, str) and type_problem(value, hint) is not None and type_problem(str(value), hint) is None:
+        return str(value)
+    problem = type_problem(value, hint)
+    if problem is not None:
+        raise HarnessError(f"reward model '{spec.name}' option '{key}' {problem}")
+    return value
+
+
 def default_device() -> str:
     try:
         import torch
@@ -113,7 +134,7 @@ def load_reward_model(
                 f"reward model '{spec.name}' has no option '{key}'.{did_you_mean(key, accepted)} "
                 f"Options: {', '.join(accepted)}"
             )
-    kwargs = dict(options)
+    kwargs = {key: _typed_option(cls, spec, key, value) for key, value in options.items()}
     if "device" in params or accepts_any:
         kwargs["device"] = device
     if "dtype" in params or accepts_any:
