@@ -140,6 +140,7 @@ def _print_comparisons(comparisons: Any, confidence: float) -> None:
 @click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples over prompts.")
 @click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not a harness run folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print leaderboard.json to stdout instead of tables.")
 @model_options
 @click.option("--normalizer", "normalizers", multiple=True,
@@ -158,7 +159,8 @@ def _print_comparisons(comparisons: Any, confidence: float) -> None:
 @click.option("--llm-model", default=None, help="Chat model for --prompts llm.")
 @click.option("--llm-base-url", default=None, help="OpenAI-compatible server for --prompts llm.")
 @click.pass_context
-def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, **params: Any) -> None:
+def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, force: bool,
+                        **params: Any) -> None:
     """Evaluate reward models on BENCHMARK (default tia2) and write a run folder.
 
     Without --model: the paper's reported rows and the human-agreement row. With --model (and
@@ -166,14 +168,20 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, **p
     """
     from harness.evaluation.config import ConfigError
     from harness.evaluation.leaderboard import run_leaderboard
-    from harness.evaluation.report import render_terminal, rows_as_records, write_run
+    from harness.evaluation.report import check_out, render_terminal, rows_as_records, write_run
 
     try:
         config = config_from_flags(ctx, params)
+        run_dir = check_out(out or _default_out(config.data.benchmark), force)
         result = run_leaderboard(config, progress=not as_json)
     except ConfigError as exc:
         raise HarnessError(f"{_culprit(ctx, exc.param, params['config_path'])} {exc.problem}") from exc
-    run_dir = write_run(out or _default_out(config.data.benchmark), result, plots=config.report.plots)
+    try:
+        write_run(run_dir, result, plots=config.report.plots, force=force)
+    except HarnessError as exc:
+        kept = _cache_path(config.scoring.cache) if config.scoring.models else None
+        raise HarnessError(f"{exc}; " + (f"the scores are kept in the score cache {kept}, so a rerun "
+                                         "does not score again" if kept else "nothing was written")) from exc
     if as_json:
         click.echo(json.dumps(rows_as_records(result.rows), indent=2))
     else:
@@ -184,3 +192,14 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, **p
     if result.missing_images:
         click.echo(f"Skipped {len(result.missing_images)} missing images.", err=True)
     click.echo(f"Wrote {run_dir}", err=True)
+
+
+def _cache_path(cache: str | bool) -> str | None:
+    """Where the scores of a run are kept (None: no cache)."""
+    if cache is False:
+        return None
+    if cache is True:
+        from harness.io import cache_dir
+
+        return str(cache_dir() / "scores.sqlite")
+    return str(cache)

@@ -13,7 +13,11 @@ for the metrics auroc, auprc, ap5, ap10, ap25, spearman, kendall.
 from __future__ import annotations
 
 import html
+import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +25,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.evaluation.metrics import METRICS
-from harness.io import atomic_path, read_json, write_json, write_text
+from harness.io import atomic_path, current_umask, read_json, write_json, write_text
 
 if TYPE_CHECKING:
     from harness.evaluation.leaderboard import LeaderboardResult
@@ -157,15 +161,77 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path, confidence: float = 0.95) -> 
     return written
 
 
-def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) -> Path:
-    """Write the run folder ``out`` (created if needed); returns its path."""
+def is_run_folder(path: str | Path) -> bool:
+    """A folder this harness wrote: its manifest.json names the harness version."""
+    manifest = Path(path) / "manifest.json"
+    try:
+        return "harness_version" in json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_out(out: str | Path, force: bool = False) -> Path:
+    """The run folder ``out``, refused when it is a file or a non-empty folder that is not a
+    harness run (unless ``force``): called before any work, so nothing computed is lost."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise HarnessError(f"--out '{out}' exists and is not a folder")
+        raise HarnessError(f"--out '{out}' exists and is not a folder; choose a folder path")
+    if out.is_dir() and not force and not is_run_folder(out):
+        try:
+            occupied = any(out.iterdir())
+        except OSError as exc:
+            raise HarnessError(f"cannot read --out folder '{out}': {exc.strerror}") from exc
+        if occupied:
+            raise HarnessError(f"--out '{out}' is a folder with files but not a harness run; choose "
+                               "another folder, or pass --force to replace it")
+    return out
+
+
+def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True,
+              force: bool = False) -> Path:
+    """Write the run folder ``out`` whole, or not at all; returns its path.
+
+    The files are written into a temporary sibling folder that is renamed to ``out`` once
+    complete; an earlier run in ``out`` is replaced as a whole (its files never mix with the new
+    run's). A folder that is not a harness run is replaced only with ``force``. Files and folders
+    follow the user's umask.
+    """
+    out = check_out(out, force)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     except OSError as exc:
-        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror}") from exc
+        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror or exc}") from exc
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())
+        _write_files(staging, result, plots)
+        _swap_in(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise HarnessError(f"cannot write run folder '{out}': {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out``, replacing what is there."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rmdir(retired)
+    os.rename(out, retired)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(retired, out)  # put the old run back
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _write_files(out: Path, result: LeaderboardResult, plots: bool) -> None:
     title, notes, confidence = result.title, result.notes, result.confidence
     records = rows_as_records(result.rows)
     csv_rows = result.rows.copy()
@@ -173,7 +239,6 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
         ci = csv_rows.pop(f"{m}_ci")
         csv_rows[f"{m}_ci_low"] = [c[0] for c in ci]
         csv_rows[f"{m}_ci_high"] = [c[1] for c in ci]
-    write_json(out / "manifest.json", result.manifest)
     write_json(out / "leaderboard.json", records)
     write_text(out / "leaderboard.csv", csv_rows.to_csv(index=False))
     write_text(out / "leaderboard.md", render_markdown(result.rows, notes, title, confidence))
@@ -186,7 +251,7 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True) ->
         write_text(out / "comparisons.csv", result.comparisons.to_csv(index=False))
     if plots:
         plot_rows(result.rows, out / "plots", confidence)
-    return out
+    write_json(out / "manifest.json", result.manifest)  # last: it marks a run folder
 
 
 _RUN_FOLDER = "give a folder written by harness leaderboard"
