@@ -6,37 +6,58 @@ the real CLIP BPE vocabulary (49,408 tokens), taken from the open_clip_torch whe
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
 TEST_CACHE = Path(os.environ.get("HARNESS_TEST_CACHE", Path.home() / ".cache" / "t2i-harness-tests"))
 
 
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target`` in the shared test cache, built by ``build(tmp)`` at most once even when several
+    test runs ask at the same time: an exclusive lock per artifact, a private temporary path,
+    then one rename, so no run ever sees half an artifact."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            tmp.unlink(missing_ok=True)
+            build(tmp)
+            os.replace(tmp, target)
+    return target
+
+
+def wheel(requirement: str) -> Path:
+    """The wheel of ``requirement`` (``name==version``), downloaded once with pip (no deps)."""
+    def download(tmp: Path) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement,
+                        "-d", str(tmp)], check=True, timeout=600)
+
+    folder = build_once(TEST_CACHE / "wheels" / requirement.replace("==", "-"), download)
+    (found,) = folder.glob("*.whl")
+    return found
+
+
 def clip_bpe_merges() -> list[str]:
     """The merges of CLIP's BPE vocabulary, from the open_clip_torch wheel (downloaded once)."""
-    target = TEST_CACHE / "bpe_simple_vocab_16e6.txt.gz"
-    if not target.exists():
-        wheels = TEST_CACHE / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = list(wheels.glob("open_clip_torch-*.whl"))
-        if not found:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", OPEN_CLIP_WHEEL,
-                 "-d", str(wheels)],
-                check=True, timeout=300,
-            )
-            found = list(wheels.glob("open_clip_torch-*.whl"))
-        with zipfile.ZipFile(found[0]) as zf:
-            data = zf.read("open_clip/bpe_simple_vocab_16e6.txt.gz")
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+    def extract(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel(OPEN_CLIP_WHEEL)) as zf:
+            tmp.write_bytes(zf.read("open_clip/bpe_simple_vocab_16e6.txt.gz"))
+
+    target = build_once(TEST_CACHE / "bpe_simple_vocab_16e6.txt.gz", extract)
     lines = gzip.decompress(target.read_bytes()).decode("utf-8").split("\n")
     return lines[1 : 49152 - 256 - 2 + 1]
 
@@ -202,20 +223,17 @@ def trained_tiny_vae(steps: int = 300) -> Path:
     """
     import torch
 
-    target = TEST_CACHE / f"tiny-vae-trained-v{TRAINED_VAE_VERSION}-{steps}"
-    if (target / "config.json").is_file():
-        return target
-    with torch.random.fork_rng():  # leave the caller's random state as it was
-        torch.manual_seed(0)
-        vae = _train_vae(steps)
-    with torch.no_grad():
-        latents = vae.encode(_smooth_images(256, torch.Generator().manual_seed(1))).latent_dist.sample(
-            generator=torch.Generator().manual_seed(2))
-    vae.register_to_config(scaling_factor=round(1 / float(latents.std()), 5))
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    vae.save_pretrained(tmp)
-    tmp.replace(target)
-    return target
+    def train(tmp: Path) -> None:
+        with torch.random.fork_rng():  # leave the caller's random state as it was
+            torch.manual_seed(0)
+            vae = _train_vae(steps)
+        with torch.no_grad():
+            latents = vae.encode(_smooth_images(256, torch.Generator().manual_seed(1))).latent_dist.sample(
+                generator=torch.Generator().manual_seed(2))
+        vae.register_to_config(scaling_factor=round(1 / float(latents.std()), 5))
+        vae.save_pretrained(tmp)
+
+    return build_once(TEST_CACHE / f"tiny-vae-trained-v{TRAINED_VAE_VERSION}-{steps}", train)
 
 
 def _train_vae(steps: int):
