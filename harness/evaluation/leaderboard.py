@@ -84,6 +84,10 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         from harness.scoring.specs import check_unique_labels, parse_model_spec
 
         check_unique_labels([parse_model_spec(m) for m in s.models])
+        from harness.scoring.cache import open_score_cache
+
+        if (store := open_score_cache(s.cache)) is not None:  # a bad cache fails before any work
+            store.close()
     loaded = bench.load(subsets)
     # The released metrics were computed on every image of the benchmark: their counts too.
     counts = (
