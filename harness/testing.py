@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.images import as_8bit
 from harness.scoring.batches import collate
 from harness.types import (
     Benchmark,
@@ -37,7 +38,7 @@ from harness.types import (
 )
 
 __all__ = ["check_benchmark", "check_normalizer", "check_prompt_generator", "check_reward_model",
-           "image_modes"]
+           "image_modes", "write_image_modes"]
 
 
 # -- reward models ------------------------------------------------------------------------------
@@ -57,8 +58,16 @@ def _as_array(x: Any) -> np.ndarray:
 
 
 def image_modes(image: Any) -> dict[str, Any]:
-    """``image`` (PIL) in the modes files come in: L, P (adaptive palette), RGBA and LA (with a
-    real alpha gradient), CMYK and 1-bit."""
+    """``image`` (PIL) in every mode image files come in, keyed by a label (the mode, or the
+    mode and what is special about it); each image's ``mode`` is its PIL mode.
+
+    ``1``, ``L``, ``LA`` and ``RGBA`` (a real alpha gradient), ``P`` (adaptive palette),
+    ``P-transparent`` (a palette entry marked transparent), ``PA``, ``CMYK``, ``YCbCr``,
+    ``LAB``, ``HSV``, ``I`` and ``F`` (holding the 8-bit grey values), ``I;16`` and ``I;16B``
+    (16-bit greyscale: the 8-bit grey times 257), ``I-16bit`` and ``F-16bit`` (the same 16-bit
+    values held in the 32-bit modes). The decoder (:func:`harness.images.as_8bit`) turns the four
+    16-bit ones back into the 8-bit grey; for the others ``convert("RGB")`` is right.
+    """
     from PIL import Image
 
     rgb = image.convert("RGB")
@@ -66,16 +75,52 @@ def image_modes(image: Any) -> dict[str, Any]:
     alpha = Image.linear_gradient("L").resize((w, h))
     rgba = rgb.copy()
     rgba.putalpha(alpha)
-    la = rgb.convert("L")
+    grey = rgb.convert("L")
+    la = grey.copy()
     la.putalpha(alpha)
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    transparent = palette.copy()
+    transparent.info["transparency"] = transparent.getpixel((0, 0))
+    pa = palette.convert("PA")
+    pa.putalpha(alpha)
+    wide = np.asarray(grey, dtype=np.uint16) * np.uint16(257)
     return {
-        "L": rgb.convert("L"),
-        "P": rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
-        "RGBA": rgba,
-        "LA": la,
-        "CMYK": rgb.convert("CMYK"),
         "1": rgb.convert("1"),
+        "L": grey,
+        "LA": la,
+        "P": palette,
+        "P-transparent": transparent,
+        "PA": pa,
+        "RGBA": rgba,
+        "CMYK": rgb.convert("CMYK"),
+        "YCbCr": rgb.convert("YCbCr"),
+        "LAB": rgb.convert("LAB"),
+        "HSV": rgb.convert("HSV"),
+        "I": grey.convert("I"),
+        "F": grey.convert("F"),
+        "I;16": Image.fromarray(wide),
+        "I;16B": Image.frombytes("I;16B", (w, h), wide.astype(">u2").tobytes()),
+        "I-16bit": Image.fromarray(wide.astype(np.int32)),
+        "F-16bit": Image.fromarray(wide.astype(np.float32)),
     }
+
+
+#: Labels of :func:`image_modes` that PNG stores in their own mode; TIFF stores the others but HSV.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "P-transparent", "RGBA", "I;16"})
+
+
+def write_image_modes(image: Any, folder: str | Path) -> dict[str, Path]:
+    """Write each of :func:`image_modes` to ``folder`` in a format that reopens in the same mode
+    (PNG, else TIFF) -> ``{label: path}``. HSV is left out: no image format stores it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for label, im in image_modes(image).items():
+        if label == "HSV":
+            continue
+        paths[label] = folder / f"{label}.{'png' if label in _PNG_MODES else 'tif'}"
+        im.save(paths[label])
+    return paths
 
 
 def check_reward_model(
@@ -93,7 +138,9 @@ def check_reward_model(
     - batch-size invariant: scoring in batches of each of ``batch_sizes`` agrees within ``atol``;
     - cached features: scoring an image's prompts together equals scoring each one alone;
     - ``preprocessor()`` computes what ``preprocess`` does;
-    - every image mode (L, P, RGBA, LA, CMYK, 1) is accepted as opened and scores finitely;
+    - every image mode of :func:`image_modes` (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV, I,
+      F, 16-bit greyscale), as the decoder hands it over (:func:`harness.images.as_8bit`), is
+      accepted and scores finitely;
     - ``files()`` lists existing files.
 
     :returns: the scores (from the first batch size).
@@ -147,10 +194,11 @@ def check_reward_model(
     shape = np.shape(_as_array(inputs[0]))
     for mode, im in image_modes(images[0]).items():
         try:
-            x = model.preprocess(im)
+            x = model.preprocess(as_8bit(im))
         except Exception as exc:  # noqa: BLE001 - report which mode failed and why
             raise AssertionError(f"preprocess fails on a mode {mode} image: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                                 f"{type(exc).__name__}: {exc} (images arrive in their own mode; "
+                                 "convert('RGB') accepts every one)") from exc
         assert np.shape(_as_array(x)) == shape, (
             f"mode {mode} image preprocessed to shape {np.shape(_as_array(x))}, RGB to {shape}"
         )

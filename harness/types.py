@@ -467,9 +467,13 @@ class Benchmark(ABC):
         self, data: BenchmarkData, images_dir: str | Path, skip_missing: bool = False
     ) -> tuple[BenchmarkData, list[str]]:
         """Add a ``path`` column: ``images_dir/<subset>/<image>`` (or ``images_dir/<image>``
-        for a one-subset benchmark). Returns the data (missing rows dropped when
-        ``skip_missing``) and the missing files; without ``skip_missing`` a missing file is an
-        error listing them."""
+        for a one-subset benchmark). Returns the data (rows whose image is missing or cannot be
+        read dropped when ``skip_missing``, and listed in a warning) and those files; without
+        ``skip_missing`` they are an error naming the first ones. What "cannot be read" means:
+        :func:`harness.images.unreadable_reason` (a folder named like the image, a broken or
+        looping link, no permission, an empty file)."""
+        from harness.images import log_skipped, unreadable_images, unreadable_message
+
         frame = data.images.copy()
         root = Path(images_dir).expanduser()
         if not root.is_dir():
@@ -477,13 +481,11 @@ class Benchmark(ABC):
         nested = len(self.subsets) > 1 or (root / str(self.subsets[0])).is_dir()
         frame["path"] = [str(root / str(s) / i) if nested else str(root / i)
                          for s, i in zip(frame["subset"], frame["image"], strict=True)]
-        exists = [Path(p).is_file() for p in frame["path"]]
-        missing = [p for p, ok in zip(frame["path"], exists, strict=True) if not ok]
-        if missing and not skip_missing:
-            raise HarnessError(
-                f"{len(missing)} of {len(frame)} images of '{self.id}' are missing under "
-                f"'{root}', e.g. {missing[0]}; pass --skip-missing to score the rest"
-            )
-        kept = frame[exists].reset_index(drop=True)
-        return dataclasses.replace(data, images=kept), missing
+        culprits = unreadable_images(frame["path"])
+        if culprits and not skip_missing:
+            raise HarnessError(unreadable_message(culprits, len(frame), f"images of '{self.id}'",
+                                                  root))
+        log_skipped({p: why for p, why in culprits.items() if why != "missing"})
+        kept = frame[~frame["path"].isin(list(culprits))].reset_index(drop=True)
+        return dataclasses.replace(data, images=kept), list(culprits)
 

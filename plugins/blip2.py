@@ -31,6 +31,7 @@ from harness.hf import (
     weights_fingerprint,
 )
 from harness.hookspecs import hookimpl
+from harness.images import as_8bit
 from harness.types import RewardModel
 
 MODES = ("itm", "itc")
@@ -42,8 +43,9 @@ class BLIP2Reward(RewardModel):
     id: ClassVar[str] = "blip2"
     default_checkpoint: ClassVar[str] = "Salesforce/blip2-itm-vit-g"
     #: 2: images reach the image processor as opened, which converts them itself (transparency
-    #: composited onto white), as the original does.
-    preprocessing_version: ClassVar[str] = "2"
+    #: composited onto white), as the original does. 3: samples wider than 8 bits (16-bit
+    #: greyscale PNGs) scaled to 8 bits first (harness.images.as_8bit), not clipped.
+    preprocessing_version: ClassVar[str] = "3"
     #: How many (image, prompt) pairs share an ITM forward pass does not change the numbers.
     runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "pair_batch_size"})
 
@@ -83,8 +85,9 @@ class BLIP2Reward(RewardModel):
 
     def preprocess(self, image: Any) -> Any:
         """PIL image as opened -> float32 ``[3, H, W]`` (BLIP normalisation, 224 px for ViT-g),
-        through the checkpoint's image processor, which converts the mode itself."""
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        through the checkpoint's image processor, which converts the mode itself, after
+        :func:`harness.images.as_8bit` (16-bit greyscale scaled to 8 bits, not clipped)."""
+        return self.image_processor(images=as_8bit(image), return_tensors="pt")["pixel_values"][0]
 
     def preprocessor(self) -> Any:
         from harness.hf import ImageProcessorCall

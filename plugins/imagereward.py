@@ -22,7 +22,9 @@ Faithfulness notes (checked against ``ImageReward/ImageReward.py`` and ``models/
   with nearest neighbour, and RGBA with premultiplied alpha), centre crop 224 (offsets rounded
   like torchvision), only then ``convert("RGB")`` (no compositing: an RGBA image loses its
   alpha), scale to [0, 1], normalise with the CLIP mean/std. Implemented with PIL + numpy (no
-  torchvision).
+  torchvision). One deliberate difference: an image with samples wider than 8 bits (a 16-bit
+  greyscale PNG) is first scaled to 8 bits as a viewer shows it (:func:`harness.images.as_8bit`),
+  where the original's ``convert("RGB")`` would clip it to near white.
 - Text: bert-base-uncased tokenizer with ``[DEC]`` (bos) and ``[ENC]`` added (vocabulary 30524),
   truncated to 35 tokens. The original pads to 35; padding to the longest prompt of a batch gives
   the same numbers because padding is masked. As in the original ``score``, the sequence starts
@@ -46,6 +48,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
+from harness.images import as_8bit
 from harness.types import RewardModel
 
 HUB_REPO = "THUDM/ImageReward"
@@ -207,7 +210,9 @@ class ImageRewardPreprocess:
         from PIL import Image
 
         size = self.size
-        img = image  # as opened: resized and cropped in its own mode, converted last
+        # As opened: resized and cropped in its own mode, converted last; only samples wider
+        # than 8 bits are scaled first, since convert("RGB") would clip them to white.
+        img = as_8bit(image)
         w, h = img.size
         # torchvision Resize(int): the short side becomes `size`, the long side int(size * long / short)
         if w <= h:
@@ -425,6 +430,16 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated file, not a torch file, pickle refused
+        from harness.hf import unpickling_refusal
+
+        refused = unpickling_refusal(exc)  # torch's message would advise unpickling it anyway
+        if refused is not None:
+            raise HarnessError(
+                f"cannot read {path} (expected the state dict of {ARCHITECTURE}): it is {refused}, "
+                "which harness does not unpickle (unpickling can run arbitrary code); pass the "
+                "original ImageReward.pt, or keep only the tensors of this one where you trust it "
+                "(torch.save of its state dict)"
+            ) from exc
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HarnessError(
             f"cannot read {path} (expected the state dict of {ARCHITECTURE}): {first}"
@@ -448,7 +463,8 @@ class ImageReward(RewardModel):
     id: ClassVar[str] = "imagereward"
     default_checkpoint: ClassVar[str] = "ImageReward-v1.0"
     #: 2: images are resized and cropped in their own mode and converted to RGB last.
-    preprocessing_version: ClassVar[str] = "2"
+    #: 3: samples wider than 8 bits (16-bit greyscale PNGs) scaled to 8 bits first, not clipped.
+    preprocessing_version: ClassVar[str] = "3"
     max_text_tokens: ClassVar[int] = MAX_TEXT_TOKENS
     reward_mean: ClassVar[float] = REWARD_MEAN
     reward_std: ClassVar[float] = REWARD_STD

@@ -443,7 +443,7 @@ def test_describe(model, ckpt):
         info["checkpoint_sha256"]
         == hashlib.sha256((ckpt / "ImageReward.pt").read_bytes()).hexdigest()
     )
-    assert info["preprocessing_version"] == "2" and info["dtype"] == "float32"
+    assert info["preprocessing_version"] == "3" and info["dtype"] == "float32"
     assert info["tokenizer"] == str(ckpt / "tokenizer")
 
 
@@ -595,17 +595,16 @@ def ref_transform(image, size):
 
 
 def test_every_image_mode_scores_as_the_original_transform(ckpt, tmp_path):
+    from harness.images import as_8bit
     from harness.scoring import LocalExecutor, parse_model_spec, score_images
     from harness.scoring.specs import load_reward_model
-    from harness.testing import image_modes
+    from harness.testing import write_image_modes
 
     rng = np.random.default_rng(7)
     rgb = Image.fromarray(rng.integers(0, 256, (45, 38, 3), dtype=np.uint8))
-    modes = {"RGB": rgb, **{k: v for k, v in image_modes(rgb).items() if k != "LA"}}
-    paths = {}
-    for mode, im in modes.items():
-        paths[mode] = tmp_path / (f"{mode}.jpg" if mode == "CMYK" else f"{mode}.png")
-        im.save(paths[mode], **({"quality": 95} if mode == "CMYK" else {}))
+    paths = {"RGB": tmp_path / "RGB.png"}
+    rgb.save(paths["RGB"])
+    paths.update({k: v for k, v in write_image_modes(rgb, tmp_path).items() if k != "LA"})
     prompts = ["a red apple", "a blue dog on the table"]
     spec = parse_model_spec(f"imagereward:checkpoint={ckpt}")
     model = load_reward_model(spec, device="cpu")
@@ -615,8 +614,10 @@ def test_every_image_mode_scores_as_the_original_transform(ckpt, tmp_path):
     tokenizer = make_tokenizer(ckpt.parent)
     for (mode, path), got in zip(paths.items(), run.scores, strict=True):
         with Image.open(path) as opened:
-            assert opened.mode == mode
-            pixels = ref_transform(opened, VISION["image_size"])
+            assert opened.mode == mode.split("-")[0]  # "I-16bit": mode I holding 16-bit values
+            # The one deliberate difference: samples wider than 8 bits are scaled (as_8bit),
+            # where the original's convert("RGB") clips them to white.
+            pixels = ref_transform(as_8bit(opened), VISION["image_size"])
         want = [ref_reward(sd, tokenizer, pixels, p) for p in prompts]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"mode {mode}")
     # Converting to RGB before resizing (what the harness did before) scores palette images

@@ -74,13 +74,10 @@ def test_same_scores_as_local(cluster, spec, images, local_scores):
 def test_images_reach_preprocess_as_opened_on_ray_too(cluster, spec, tmp_path):
     from PIL import Image
 
-    from harness.testing import image_modes
+    from harness.testing import write_image_modes
 
     rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 36, 3), dtype=np.uint8))
-    paths = []
-    for mode, im in image_modes(rgb).items():
-        paths.append(tmp_path / (f"{mode}.jpg" if mode == "CMYK" else f"{mode}.png"))
-        im.save(paths[-1])
+    paths = list(write_image_modes(rgb, tmp_path).values())
     model = load_reward_model(spec, device="cpu")
     local = score_images(model, paths, [PROMPTS] * len(paths), spec=spec)
     remote = score_images(model, paths, [PROMPTS] * len(paths), spec=spec,

@@ -503,8 +503,9 @@ def test_pair_reward_model_through_the_engine(folder):
         id = "pair-brightness"
         pair_batch_size = 3
 
-        def preprocess(self, image):
-            return np.asarray(image.convert("L").resize((6, 6)), dtype=np.float32) / 255.0
+        def preprocess(self, image):  # via RGB: PIL cannot convert a LAB image to L directly
+            grey = image.convert("RGB").convert("L")
+            return np.asarray(grey.resize((6, 6)), dtype=np.float32) / 255.0
 
         def score_pairs(self, images, prompts):
             assert len(images) == len(prompts) <= 3

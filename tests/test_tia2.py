@@ -167,8 +167,8 @@ def _make_images(root, data, subset, skip=()):
     folder.mkdir(parents=True, exist_ok=True)
     names = data.images[data.images.subset == subset]["image"]
     for name in names:
-        if name not in skip:
-            (folder / name).write_bytes(b"")
+        if name not in skip:  # resolution checks files, not their content (empty is unreadable)
+            (folder / name).write_bytes(b"x")
     return len(names)
 
 
@@ -186,7 +186,7 @@ def test_resolve_images(tia2_dir, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     for name in data.images["image"]:
-        (flat / name).write_bytes(b"")
+        (flat / name).write_bytes(b"x")
     resolved, missing = bench.resolve_images(data, flat)
     assert missing == [] and len(resolved.images) == 7500
     # ...but is ambiguous for several, since file names repeat across subsets.

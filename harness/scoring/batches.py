@@ -2,9 +2,11 @@
 
 Shared by every executor (local DataLoader workers, Ray's read stage and model actors) and by the
 fine-tuning reward, so images are decoded and batches scored the same way everywhere. Images reach
-:meth:`~harness.types.RewardModel.preprocess` as opened (:func:`open_image`: no conversion), so
-each model converts palette, RGBA, CMYK, ... images the way its original does. A GPU
-out-of-memory error halves the batch and retries (:func:`run_with_backoff`).
+:meth:`~harness.types.RewardModel.preprocess` as opened (:func:`harness.images.open_image`: no
+conversion, except that samples wider than 8 bits are scaled to 8), so each model converts
+palette, RGBA, CMYK, ... images the way its original does. An image that cannot be decoded is
+that image's failure, named by its path (:func:`decode_and_preprocess`). A GPU out-of-memory
+error halves the batch and retries (:func:`run_with_backoff`).
 """
 
 from __future__ import annotations
@@ -16,18 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from harness.images import open_image
 from harness.types import RewardModel
 
+__all__ = ["ImageDataset", "collate", "collate_items", "decode_and_preprocess", "open_image",
+           "run_with_backoff"]
+
 log = logging.getLogger("harness.scoring")
-
-
-def open_image(path: str | Path) -> Any:
-    """The one image decoder: ``Image.open`` + ``load()``, in the file's own mode (no convert)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-    return img
 
 
 def decode_and_preprocess(path: str | Path, preprocess: Any) -> tuple[Any, str | None]:

@@ -15,7 +15,8 @@ numbers what they are, whatever the plugin reports in ``describe()``:
 - the content hash of every file in :meth:`~harness.types.RewardModel.files` (weights, configs,
   tokenizer, processor), memoised per ``(path, size, mtime_ns)``; a file in a Hugging Face hub
   cache's ``blobs/`` folder is named by its content hash already, so it is not read;
-- the class's ``preprocessing_version``.
+- the class's ``preprocessing_version``, and the core decoder's
+  (:data:`harness.images.DECODER_VERSION`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.images import DECODER_VERSION
 
 if TYPE_CHECKING:
     from harness.scoring.cache import ScoreCache
@@ -219,6 +221,7 @@ def key_parts(model: RewardModel, spec: ModelSpec | None = None) -> dict[str, An
         "source": source_hashes(cls),
         "files": files_hashes(model),
         "preprocessing_version": str(getattr(cls, "preprocessing_version", "")),
+        "decoder_version": DECODER_VERSION,
     }
 
 

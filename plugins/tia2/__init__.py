@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
+from harness.images import log_skipped, unreadable_message, unreadable_reason
 from harness.io import cache_dir, fetch, read_json, sha256_file
 from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
 
@@ -249,9 +250,11 @@ class TIA2(Benchmark):
     ) -> tuple[BenchmarkData, list[str]]:
         """Find every image under ``images_dir/<subset>/`` (or ``images_dir/`` for one subset).
 
-        :returns: the data with a ``path`` column (rows without an image dropped when
-            ``skip_missing``) and the missing images as ``<subset>/<file>``.
-        :raises HarnessError: when images are missing and ``skip_missing`` is False.
+        :returns: the data with a ``path`` column (rows whose image is missing or cannot be
+            read, :func:`harness.images.unreadable_reason`, dropped when ``skip_missing`` and
+            the unreadable ones listed in a warning) and those images as ``<subset>/<file>``.
+        :raises HarnessError: when images are missing or unreadable and ``skip_missing`` is
+            False, naming the first ones.
         """
         root = Path(images_dir).expanduser()
         if not root.is_dir():
@@ -265,32 +268,26 @@ class TIA2(Benchmark):
                 "TIA2 file names repeat across subsets, so put each subset's images in "
                 f"{root}/<subset>/"
             )
-        listing: dict[str, set[str]] = {}
-        for s in subsets:
-            folder = root / s if (root / s).is_dir() else root
-            with os.scandir(folder) as it:
-                listing[s] = {e.name for e in it if e.is_file()}
-        paths, missing = [], []
+        paths: list[str | None] = []
+        culprits: dict[str, str] = {}
         for s, name in zip(images["subset"], images["image"], strict=True):
-            folder = root / s if s not in flat_users else root
-            if name in listing[s]:
-                paths.append(str(folder / name))
+            path = (root / s if s not in flat_users else root) / name
+            why = unreadable_reason(path)
+            if why is None:
+                paths.append(str(path))
             else:
                 paths.append(None)
-                missing.append(f"{s}/{name}")
-        if missing and not skip_missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            raise HarnessError(
-                f"{len(missing)} of {len(images)} TIA2 images are missing under '{root}': "
-                f"{shown} (pass --skip-missing to score the rest)"
-            )
+                culprits[f"{s}/{name}"] = why
+        if culprits and not skip_missing:
+            raise HarnessError(unreadable_message(culprits, len(images), "TIA2 images", root))
+        log_skipped({p: why for p, why in culprits.items() if why != "missing"})
         out = images.assign(path=paths)
         out = out[out["path"].notna()].reset_index(drop=True)
         resolved = BenchmarkData(
             benchmark=data.benchmark, images=out, contrastive=data.contrastive,
             files=data.files, source=data.source,
         )
-        return resolved, missing
+        return resolved, list(culprits)
 
 
 class TIA2Prompts(PromptSetGenerator):
