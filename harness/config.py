@@ -32,6 +32,8 @@ def read_mapping(source: str | Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise HarnessError(f"cannot read config '{path}': {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"config '{path}' is not UTF-8 text: give a YAML file of settings") from exc
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(f"malformed YAML in config '{path}': {first}") from exc

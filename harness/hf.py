@@ -19,10 +19,19 @@ def torch_dtype(name: str) -> Any:
 
 
 def check_device(device: str) -> str:
+    """``device`` if this machine has it: CUDA (and the GPU index asked for) or MPS."""
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"device '{device}' requested but CUDA is not available")
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise HarnessError(f"device '{device}' requested but CUDA is not available; use cpu")
+        count = torch.cuda.device_count()
+        if index.isdigit() and int(index) >= count:
+            raise HarnessError(f"device '{device}' does not exist: this machine has {count} CUDA "
+                               f"device{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise HarnessError(f"device '{device}' requested but MPS is not available; use cpu")
     return device
 
 
@@ -50,7 +59,76 @@ def load_config(checkpoint: str, expected_types: tuple[str, ...], architecture: 
             f"checkpoint '{checkpoint}' is a '{config.model_type}' model, expected a {architecture} "
             f"(model_type {' or '.join(repr(t) for t in expected_types)})"
         )
+    if looks_local:
+        refuse_unsafe_pickles(path)
     return config
+
+
+#: the pickled weight files transformers and diffusers load when a folder has no safetensors
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "diffusion_pytorch_model*.bin")
+
+
+def unpickling_refusal(exc: BaseException) -> str | None:
+    """What torch's safe loader (``weights_only=True``) refused, as a phrase ("a pickled file
+    holding objects such as pathlib.PosixPath"), when ``exc`` or an exception it was raised from
+    is that refusal; else None. Torch's own message advises unpickling the file anyway
+    (``weights_only=False``, safe globals), which harness never passes on: unpickling runs
+    whatever code the file names."""
+    import re
+
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and "Weights only load failed" not in str(seen):
+        visited.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+        if seen is not None and id(seen) in visited:
+            seen = None
+    if seen is None:
+        return None
+    text = str(seen)
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if named:
+        return f"a pickled file holding objects such as {named.group(1)}"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)",
+                       text, re.S)
+    why = " ".join(detail.group(1).split())[:200] if detail else "corrupt, or not a torch file"
+    return f"a file torch's safe loader rejects ({why})"
+
+
+def pickled_checkpoint_error(exc: BaseException, where: str | Path | None = None) -> HarnessError | None:
+    """One line refusing a checkpoint file that torch's safe loader refused (see
+    :func:`unpickling_refusal`), offering safetensors as the fix, or None for any other error."""
+    phrase = unpickling_refusal(exc)
+    if phrase is None:
+        return None
+    what = f"checkpoint '{where}'" if where is not None else "a checkpoint"
+    return HarnessError(
+        f"{what} is {phrase}, which harness does not unpickle (unpickling can run arbitrary "
+        "code): convert it to safetensors where you trust it (load it, then save_pretrained(folder) "
+        "or safetensors.torch.save_file) and pass the safetensors checkpoint"
+    )
+
+
+def refuse_unsafe_pickles(folder: Path) -> None:
+    """Refuse, naming the file, a local checkpoint whose pickled weights hold more than tensors,
+    before transformers tries (and fails with advice to unpickle it anyway). Reads only the
+    pickle, not the tensors (memory-mapped onto the meta device)."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    import torch
+
+    for path in sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern)):
+        try:
+            try:
+                torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                torch.load(path, map_location="meta", weights_only=True)  # the legacy format
+        except Exception as exc:  # noqa: BLE001 - not a torch file: transformers says so later
+            error = pickled_checkpoint_error(exc, path)
+            if error is not None:
+                raise error from exc
 
 
 def commit_hash(model: Any) -> str | None:
@@ -58,7 +136,9 @@ def commit_hash(model: Any) -> str | None:
 
 
 class quiet_transformers:
-    """Silence transformers' info logs and progress bars while a checkpoint loads."""
+    """Silence transformers' info logs and progress bars while a checkpoint loads, and turn a
+    pickled checkpoint that torch refuses to unpickle into one line suggesting safetensors
+    (transformers' own message suggests unpickling it anyway)."""
 
     def __enter__(self) -> quiet_transformers:
         from transformers.utils import logging as hf_logging
@@ -69,12 +149,15 @@ class quiet_transformers:
         hf_logging.disable_progress_bar()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity(self._level)
         if self._bars:
             hf_logging.enable_progress_bar()
+        error = pickled_checkpoint_error(exc) if exc is not None else None
+        if error is not None:
+            raise error from exc
 
 
 def weights_fingerprint(checkpoint: str) -> str | None:

@@ -182,7 +182,7 @@ def test_missing_images(tia2_dir, tmp_path):
     images.mkdir(parents=True)
     names = TIA2(tia2_dir).load(["counting"]).images["image"].tolist()
     for name in names[:-3]:
-        (images / name).write_bytes(b"")
+        (images / name).write_bytes(b"x")  # not decoded here; an empty file would be unreadable
     args = ["leaderboard", "tia2", "--data", tia2_dir, "--subset", "counting", "--images",
             tmp_path / "images", "--bootstrap", 20, "--no-plots", "--out", tmp_path / "o"]
     one_line_error(harness(*args), "3 of 7500 TIA2 images are missing")

@@ -94,7 +94,7 @@ def test_a_folder_that_is_not_a_run_needs_force(tmp_path, tia2_dir):
                    tmp_path / "empty", "--bootstrap", 10, "--no-plots").returncode == 0
     (tmp_path / "file").write_text("x")
     one_line_error(harness("leaderboard", "tia2", "--data", tia2_dir, "--out", tmp_path / "file"),
-                   "exists and is not a folder")
+                   "is not a folder (it is a file)")
 
 
 def test_scores_survive_a_failure_while_writing_the_run(tmp_path, tia2_dir, monkeypatch):

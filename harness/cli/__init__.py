@@ -20,7 +20,7 @@ from harness.cli import (  # noqa: F401 - importing a command module adds it to 
     report,
     score,
 )
-from harness.cli.root import _setup_logging, cli
+from harness.cli.root import _setup_logging, cli, one_line
 from harness.errors import HarnessError
 
 __all__ = ["build_cli", "cli", "main"]
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         root = build_cli()
     except HarnessError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {one_line(str(exc))}", err=True)
         sys.exit(2)
     root.main(args=argv, prog_name="harness")
 

@@ -16,7 +16,16 @@ from typing import Any
 
 import click
 
-from harness.cli.options import model_options, print_failures
+from harness.cli.options import (
+    TEXT,
+    PathArg,
+    PromptSource,
+    RegisteredId,
+    Url,
+    check_local_device,
+    model_options,
+    print_failures,
+)
 from harness.cli.root import cli
 from harness.errors import HarnessError
 
@@ -106,6 +115,20 @@ def _culprit(ctx: click.Context, param: str, config_path: Path | None) -> str:
     return f"{param} in {config_path}" if config_path is not None and from_file else flag
 
 
+def _check_device(ctx: click.Context, config: Any, config_path: Path | None) -> None:
+    """A device this machine lacks, refused before any work (a Ray cluster brings its own)."""
+    from harness.scoring.specs import check_device_name
+
+    device = config.scoring.device
+    if device is None:
+        return
+    try:
+        check_device_name(device)
+        check_local_device(device, config.scoring.executor)
+    except HarnessError as exc:
+        raise HarnessError(f"{_culprit(ctx, 'scoring.device', config_path)}: {exc}") from exc
+
+
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
@@ -128,36 +151,41 @@ def _print_comparisons(comparisons: Any, confidence: float) -> None:
 
 
 @cli.command("leaderboard")
-@click.argument("benchmark", default="tia2")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+@click.argument("benchmark", default="tia2", type=RegisteredId("benchmarks"))
+@click.option("--config", "config_path", type=PathArg(exists=True, dir_okay=False),
               help="YAML file with groups data, scoring, calibration, report (flags override it).")
-@click.option("--data", type=click.Path(path_type=Path), help="Annotation folder (default: download into the cache).")
-@click.option("--images", type=click.Path(path_type=Path), help="Image folder: DIR/<subset>/<file>.")
+@click.option("--data", type=PathArg(exists=True, file_okay=False),
+              help="Annotation folder (default: download into the cache).")
+@click.option("--images", type=PathArg(exists=True, file_okay=False),
+              help="Image folder: DIR/<subset>/<file>.")
 @click.option("--skip-missing", is_flag=True, help="Score the images that exist; report how many were skipped.")
-@click.option("--subset", "subsets", multiple=True, help="Subset(s) to evaluate (default: all).")
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<benchmark>-<time>).")
+@click.option("--subset", "subsets", multiple=True, type=TEXT, help="Subset(s) to evaluate (default: all).")
+@click.option("--out", type=PathArg(output=True, file_okay=False),
+              help="Run folder (default: runs/<benchmark>-<time>).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
-@click.option("--bootstrap", "n_boot", default=1000, show_default=True, help="Bootstrap resamples over prompts.")
+@click.option("--bootstrap", "n_boot", default=1000, show_default=True,
+              help="Bootstrap resamples over prompts (0: no intervals).")
 @click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not a harness run folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print leaderboard.json to stdout instead of tables.")
 @model_options
-@click.option("--normalizer", "normalizers", multiple=True,
+@click.option("--normalizer", "normalizers", multiple=True, type=RegisteredId("normalizers"),
               help="Normalizer applied to each --model alone: textnorm, identity, zscore, or a "
                    "plugin's (repeatable).")
-@click.option("--ensemble", "ensembles", multiple=True,
+@click.option("--ensemble", "ensembles", multiple=True, type=RegisteredId("normalizers"),
               help="Normalizer over all --model together: mean, ur, zscore, or a plugin's (repeatable).")
-@click.option("--prompts", "prompt_sets", default="benchmark", show_default=True,
+@click.option("--prompts", "prompt_sets", default="benchmark", show_default=True, type=PromptSource(),
               help="Contrastive prompts: benchmark (the sets it ships), a generator (rules, llm, "
                    "tia2, ...) or a JSON file {prompt: [prompts]}.")
 @click.option("--oracle", is_flag=True,
               help="Tune hyperparameters per prompt against its labels (rows labelled 'oracle').")
 @click.option("--folds", default=5, show_default=True, help="Cross-validation folds over prompts.")
-@click.option("--select-metric", default="auroc", show_default=True, help="Metric that hyperparameters maximise.")
+@click.option("--select-metric", default="auroc", show_default=True, type=TEXT,
+              help="Metric that hyperparameters maximise.")
 @click.option("--standardize", is_flag=True, help="Standardise each model's raw scores before normalizing.")
-@click.option("--llm-model", default=None, help="Chat model for --prompts llm.")
-@click.option("--llm-base-url", default=None, help="OpenAI-compatible server for --prompts llm.")
+@click.option("--llm-model", default=None, type=TEXT, help="Chat model for --prompts llm.")
+@click.option("--llm-base-url", default=None, type=Url(), help="OpenAI-compatible server for --prompts llm.")
 @click.pass_context
 def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, force: bool,
                         **params: Any) -> None:
@@ -172,6 +200,7 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
 
     try:
         config = config_from_flags(ctx, params)
+        _check_device(ctx, config, params["config_path"])
         run_dir = check_out(out or _default_out(config.data.benchmark), force)
         result = run_leaderboard(config, progress=not as_json)
     except ConfigError as exc:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from harness.cli.options import PathArg
 from harness.cli.root import cli
 
 
 @cli.command("report")
-@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("run_dir", type=PathArg(exists=True, file_okay=False))
 @click.option("--plots/--no-plots", default=True, help="Redraw plots/*.png.")
 def report_command(run_dir: Path, plots: bool) -> None:
     """Re-render a run folder's tables and plots from its leaderboard.json and manifest.json."""

@@ -131,6 +131,21 @@ class LeaderboardConfig:
         d, s, c, r = self.data, self.scoring, self.calibration, self.report
         if r.bootstrap < 0:
             raise ConfigError("report.bootstrap", f"must be >= 0, got {r.bootstrap}")
+        # Upper bounds: past them a value is a typo that would exhaust memory or crash numpy.
+        for param, value, low, high in (
+            ("report.bootstrap", r.bootstrap, 0, 1_000_000),
+            ("report.seed", r.seed, 0, 2**32 - 1),
+            ("scoring.batch_size", s.batch_size, 1, 1 << 16),
+            ("scoring.workers", s.workers, 0, 1024),
+            ("scoring.actors", s.actors, 1, 1024),
+            ("calibration.folds", c.folds, 2, 10_000),
+        ):
+            if not low <= value <= high:
+                raise ConfigError(param, f"must be between {low} and {high}, got {value}")
+        if s.gpus_per_actor is not None and not 0 <= s.gpus_per_actor <= 1024:
+            raise ConfigError("scoring.gpus_per_actor", f"must be between 0 and 1024, got {s.gpus_per_actor}")
+        if not c.prompts.strip():
+            raise ConfigError("calibration.prompts", "must not be empty: give benchmark, a generator id or a JSON file")
         if not 0.0 < r.confidence < 1.0:
             raise ConfigError("report.confidence", f"must be between 0 and 1, got {r.confidence}")
         if s.batch_size < 1:

@@ -81,9 +81,9 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
     subsets = bench.check_subsets(d.subsets)
     jobs = _calibration_jobs(c, s.models)
     if s.models:
-        from harness.scoring.specs import check_unique_labels, parse_model_spec
+        from harness.scoring.specs import check_model_spec, check_unique_labels
 
-        check_unique_labels([parse_model_spec(m) for m in s.models])
+        check_unique_labels([check_model_spec(m) for m in s.models])
         from harness.scoring.cache import open_score_cache
 
         if (store := open_score_cache(s.cache)) is not None:  # a bad cache fails before any work

@@ -105,6 +105,54 @@ def _typed_option(cls: type, spec: ModelSpec, key: str, value: Any) -> Any:
     return value
 
 
+#: torch device types a spec or ``--device`` may name (with an optional ``:index``)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "npu", "mtia")
+
+
+def check_device_name(device: str) -> str:
+    """``device`` if it is written like a torch device (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    import re
+
+    text = str(device).strip()
+    if not re.fullmatch(rf"({'|'.join(DEVICE_TYPES)})(:\d+)?", text):
+        raise HarnessError(f"'{device}' is not a device: use cpu, cuda, cuda:N or mps")
+    return text
+
+
+def check_model_spec(spec: str | ModelSpec) -> ModelSpec:
+    """The spec, refused unless :func:`load_reward_model` would take it (a registered id, options
+    its constructor accepts, of the types it declares), without loading anything."""
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    cls = get_plugins().reward_models.get(spec.name)
+    options = {k: v for k, v in spec.options.items() if k != "label"}
+    if "label" in spec.options and not str(spec.options["label"]).strip():
+        raise HarnessError(f"empty label= in model spec '{spec.text}'")
+    if "device" in options:
+        check_device_name(options.pop("device"))
+    if "dtype" in options and options.pop("dtype") not in ("auto", "float32", "float16", "bfloat16"):
+        raise HarnessError(f"dtype of model spec '{spec.text}' must be auto, float32, float16 or "
+                           "bfloat16")
+    kwargs = _constructor_kwargs(cls, spec, options)
+    size = kwargs.get("batch_size")  # a runtime option every model may take: how many at once
+    if isinstance(size, int) and not isinstance(size, bool) and size < 1:
+        raise HarnessError(f"batch_size of model spec '{spec.text}' must be >= 1, got {size}")
+    return spec
+
+
+def _constructor_kwargs(cls: type, spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the constructor of ``cls``: known names, declared types."""
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [n for n in params if n != "self"]
+    for key in options:
+        if key not in params and not accepts_any:
+            raise HarnessError(
+                f"reward model '{spec.name}' has no option '{key}'.{did_you_mean(key, accepted)} "
+                f"Options: {', '.join(accepted)}"
+            )
+    return {key: _typed_option(cls, spec, key, value) for key, value in options.items()}
+
+
 def default_device() -> str:
     try:
         import torch
@@ -118,23 +166,16 @@ def load_reward_model(
     spec: str | ModelSpec, device: str | None = None, dtype: str | None = None, **overrides: Any
 ) -> RewardModel:
     """Instantiate a registered reward model from a spec (loads its checkpoint)."""
-    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    spec = check_model_spec(spec)
     cls = get_plugins().reward_models.get(spec.name)
     options = {k: v for k, v in {**overrides, **spec.options}.items() if k != "label"}
     device = options.pop("device", None) or device or default_device()
     dtype = options.pop("dtype", None) or dtype or "auto"
     if dtype == "auto":
         dtype = "float16" if str(device).startswith("cuda") else "float32"
+    kwargs = _constructor_kwargs(cls, spec, options)
     params = inspect.signature(cls.__init__).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    accepted = [n for n in params if n != "self"]
-    for key in options:
-        if key not in params and not accepts_any:
-            raise HarnessError(
-                f"reward model '{spec.name}' has no option '{key}'.{did_you_mean(key, accepted)} "
-                f"Options: {', '.join(accepted)}"
-            )
-    kwargs = {key: _typed_option(cls, spec, key, value) for key, value in options.items()}
     if "device" in params or accepts_any:
         kwargs["device"] = device
     if "dtype" in params or accepts_any:
