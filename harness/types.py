@@ -55,7 +55,8 @@ class RewardModel(ABC):
     prompts costs one image encode:
 
     1. :meth:`preprocess` turns one image *as opened* (a ``PIL.Image`` in its own mode: RGB, L,
-       P, RGBA, CMYK, I;16, ...) into a model input, converting the mode the way the model's
+       P, RGBA, CMYK, ...; 16-bit samples already scaled to 8 bits by the core's decoder,
+       :func:`harness.images.as_8bit`) into a model input, converting the mode the way the model's
        original implementation does (:func:`to_rgb` is what transformers processors do). It runs
        in data-loader workers, so it must be picklable and must not touch the GPU.
     2. :meth:`embed_images` encodes a collated batch once: ``B`` inputs -> features (any

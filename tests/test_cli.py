@@ -188,7 +188,7 @@ def test_missing_images(tia2_dir, tmp_path):
     one_line_error(harness(*args), "3 of 7500 TIA2 images are missing")
     result = harness(*args, "--skip-missing")
     assert result.returncode == 0, result.stderr
-    assert "Skipped 3 missing images." in result.stderr
+    assert "Skipped 3 missing or unreadable images." in result.stderr
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["data"]["missing_images"] == 3
 

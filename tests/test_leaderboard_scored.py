@@ -47,7 +47,7 @@ def test_scored_rows_comparisons_and_cache(setup, tia2_dir):
     out = setup["root"] / "run1"
     result = run_board(setup, tia2_dir, out)
     assert result.returncode == 0, result.stderr
-    assert "Skipped 7200 missing images." in result.stderr
+    assert "Skipped 7200 missing or unreadable images." in result.stderr
     rows = json.loads((out / "leaderboard.json").read_text())
     scored = {r["method"]: r for r in rows if r["source"] == "scored"}
     assert set(scored) == {"clip", "blip2"}

@@ -219,7 +219,7 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
             _print_comparisons(result.comparisons, result.confidence)
     print_failures(result.failed_images)
     if result.missing_images:
-        click.echo(f"Skipped {len(result.missing_images)} missing images.", err=True)
+        click.echo(f"Skipped {len(result.missing_images)} missing or unreadable images.", err=True)
     click.echo(f"Wrote {run_dir}", err=True)
 
 
