@@ -39,6 +39,88 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
+#: ``<container>::<member>``: an image inside a .zip or .tar file (member: its path there) or a
+#: .parquet file (member: ``<row>/<column>`` of a binary column), read without unpacking.
+MEMBER_SEP = "::"
+CONTAINER_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".parquet")
+
+
+def split_member(path: str | Path) -> tuple[str, str] | None:
+    """``(container, member)`` when ``path`` names an image inside a container, else None."""
+    text = str(path)
+    if MEMBER_SEP not in text:
+        return None
+    container, _, member = text.partition(MEMBER_SEP)
+    if not container.lower().endswith(CONTAINER_SUFFIXES) or not member:
+        return None
+    return container, member
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file, or of an image inside a container (:data:`MEMBER_SEP`)."""
+    ref = split_member(path)
+    if ref is None:
+        with open(path, "rb") as fh:
+            return fh.read()
+    container, member = ref
+    return _read_member(container, member)
+
+
+def _read_member(container: str, member: str) -> bytes:
+    low = container.lower()
+    if low.endswith(".zip"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(container) as zf:
+                return zf.read(member)
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, f"no member '{member}' in", container) from None
+        except zipfile.BadZipFile as exc:
+            raise OSError(errno.EIO, f"not a readable zip file ({exc})", container) from None
+    if low.endswith(".parquet"):
+        row, _, column = member.partition("/")
+        table = _parquet_column(container, column)
+        try:
+            value = table[int(row)]
+        except (ValueError, IndexError):
+            raise FileNotFoundError(errno.ENOENT, f"no row '{row}' in", container) from None
+        if value is None:
+            raise OSError(errno.EIO, f"row {row} of column '{column}' is empty in", container)
+        return bytes(value)
+    import tarfile
+
+    try:
+        with tarfile.open(container) as tf:
+            handle = tf.extractfile(member)
+            if handle is None:
+                raise FileNotFoundError(errno.ENOENT, f"no file '{member}' in", container)
+            return handle.read()
+    except KeyError:
+        raise FileNotFoundError(errno.ENOENT, f"no member '{member}' in", container) from None
+    except tarfile.TarError as exc:
+        raise OSError(errno.EIO, f"not a readable tar file ({exc})", container) from None
+
+
+_PARQUET: dict[tuple[str, str, int, int], Any] = {}
+
+
+def _parquet_column(container: str, column: str) -> Any:
+    """One binary column of a parquet file as a Python list, memoised per file version."""
+    st = os.stat(container)
+    key = (os.path.realpath(container), column, st.st_size, st.st_mtime_ns)
+    if key not in _PARQUET:
+        import pyarrow.parquet as pq
+
+        try:
+            values = pq.read_table(container, columns=[column]).column(column).to_pylist()
+        except (KeyError, ValueError, OSError) as exc:
+            raise OSError(errno.EIO, f"cannot read column '{column}' ({exc}) of", container) from None
+        _PARQUET.clear()  # one file at a time: the image columns are large
+        _PARQUET[key] = values
+    return _PARQUET[key]
+
+
 def open_image(path: str | Path) -> Any:
     """The one image decoder: ``Image.open`` + ``load()`` in the file's own mode, then
     :func:`as_8bit` (which changes only images with samples wider than 8 bits).
@@ -54,7 +136,13 @@ def open_image(path: str | Path) -> Any:
         # otherwise be reported once.
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            if split_member(path) is not None:
+                import io
+
+                source: Any = io.BytesIO(read_image_bytes(path))
+            else:
+                source = path
+            with Image.open(source) as img:
                 img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             # A warning arrives here as an exception when the user's filters say "error".
@@ -134,6 +222,10 @@ def unreadable_reason(path: str | Path) -> str | None:
     ``permission denied``, ``a folder, not an image file``, ``not a regular file``,
     ``an empty file``.
     """
+    ref = split_member(path)
+    if ref is not None:  # an image inside a container: the container must be readable
+        reason = unreadable_reason(ref[0])
+        return None if reason is None else f"its container {ref[0]} is {reason}"
     try:
         st = os.stat(path)
     except ValueError as exc:  # an embedded NUL byte

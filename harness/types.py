@@ -399,15 +399,110 @@ class FineTuner(ABC):
 
 
 # -- benchmarks -------------------------------------------------------------------------------------
+#: The label families a benchmark can have.
+FAMILIES = ("per_image", "preference")
+#: Per-image metrics per prompt (then the mean over prompts) -- the TIA2 family.
+PROMPT_METRICS = ("auroc", "auprc", "ap5", "ap10", "ap25", "spearman", "kendall")
+#: Per-image metrics over all images of a subset at once.
+POOLED_METRICS = ("auroc", "auprc", "spearman", "kendall", "pearson", "pairwise_acc")
+#: Preference metrics: accuracy under the protocol's tie rule, and with tied human pairs dropped.
+PREFERENCE_METRICS = ("accuracy", "accuracy_ties_dropped")
+#: How a preference benchmark's ``accuracy`` treats ties.
+TIE_RULES = {
+    "skip": "human ties skipped; a model tie counts as wrong; pooled over all pairs",
+    "inversions": "per prompt 1 - discordant pairs / all pairs (human and model ties are never "
+                  "discordant), then the mean over prompts",
+    "threshold": "the model predicts a tie when |p_a - p_b| <= t (p: softmax of the two scores), "
+                 "t chosen on the validation split; 1 for the right call, 1/2 when either side "
+                 "is a tie, else 0",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a benchmark's numbers are computed: printed next to every number, recorded in the
+    run manifest.
+
+    :param family: ``per_image`` (binary and/or graded labels per image, grouped by prompt) or
+        ``preference`` (pairs of images of one prompt: which is better, or a tie).
+    :param grouping: ``prompt``: each metric per prompt, then the unweighted mean over prompts
+        (prompts where it is undefined are dropped); ``pooled``: over all images (per-image) or all
+        pairs (preference) of a subset at once. Subsets are evaluated separately (e.g. SeeTRUE's
+        sources).
+    :param metrics: the columns of the rows, from :data:`PROMPT_METRICS` (grouping ``prompt``),
+        :data:`POOLED_METRICS` (``pooled``) or :data:`PREFERENCE_METRICS`.
+    :param headline: the metric of the cross-benchmark summary.
+    :param tie_rule: preference only, a key of :data:`TIE_RULES`.
+    :param thresholds: the grid of the ``threshold`` tie rule.
+    :param note: anything else a reader must know (e.g. "upstream labels its Pearson Spearman").
+    """
+
+    family: str = "per_image"
+    grouping: str = "prompt"
+    metrics: tuple[str, ...] = PROMPT_METRICS
+    headline: str = "auroc"
+    tie_rule: str | None = None
+    thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    note: str = ""
+
+    def problems(self) -> list[str]:
+        """What is inconsistent (empty: nothing)."""
+        out = []
+        if self.family not in FAMILIES:
+            out.append(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.grouping not in ("prompt", "pooled"):
+            out.append(f"grouping must be prompt or pooled, got {self.grouping!r}")
+        known = (PREFERENCE_METRICS if self.family == "preference"
+                 else PROMPT_METRICS if self.grouping == "prompt" else POOLED_METRICS)
+        bad = [m for m in self.metrics if m not in known]
+        if bad or not self.metrics:
+            out.append(f"metrics {bad or '(none)'} are not {self.family}/{self.grouping} metrics: "
+                       f"choose from {', '.join(known)}")
+        if self.headline not in self.metrics:
+            out.append(f"headline {self.headline!r} is not one of its metrics")
+        if self.family == "preference" and self.tie_rule not in TIE_RULES:
+            out.append(f"tie_rule must be one of {', '.join(TIE_RULES)}, got {self.tie_rule!r}")
+        if self.family == "preference" and self.tie_rule == "inversions" and self.grouping != "prompt":
+            out.append("tie_rule inversions is per prompt: grouping must be prompt")
+        return out
+
+    def describe(self) -> str:
+        """One line: what every number of the benchmark means."""
+        if self.family == "preference":
+            text = f"pairwise accuracy: {TIE_RULES.get(str(self.tie_rule), self.tie_rule)}"
+            if "accuracy_ties_dropped" in self.metrics:
+                text += "; accuracy_ties_dropped: tied human pairs dropped, a model tie wrong"
+        elif self.grouping == "prompt":
+            text = ("per-prompt metrics, unweighted mean over prompts with both binary classes "
+                    "(AUROC ties count 1/2; Spearman and Kendall tau-b against the graded label)")
+        else:
+            text = ("over all images of each subset: " + ", ".join(self.metrics)
+                    + " (correlations against the mean human rating; Kendall is tau-b; "
+                      "pairwise_acc is tie-optimised pairwise accuracy)")
+        text += f"; {'' if self.family == 'preference' else 'headline '}{self.headline}"
+        text += "; intervals: percentile bootstrap over prompts"
+        return text + (f"; {self.note}" if self.note else "")
+
+    def asdict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "text": self.describe()}
+
+
 @dataclass
 class BenchmarkData:
     """One benchmark's annotations, as loaded (images need not exist on disk).
 
     ``images`` has one row per image and the columns
-    ``subset, prompt_id, prompt, image, binary, graded`` (``binary``: int8 0/1; ``graded``:
-    float64 in [0, 1]; the per-annotator ``label_0, label_1, ...`` where the benchmark has them)
-    plus ``path`` once images are resolved. ``contrastive`` maps ``(subset, prompt)`` to the
-    contrastive prompts the benchmark ships, if any.
+    ``subset, prompt_id, prompt, image, binary, graded`` (``binary``: 0/1, NaN where the
+    benchmark has no binary label; ``graded``: float64 in [0, 1], e.g. a mean Likert rating mapped
+    linearly, NaN where it has none; the per-annotator ``label_0, label_1, ...`` where the
+    benchmark has them; ``split`` where it has several, e.g. ``test`` and ``validation``) plus
+    ``path`` once images are resolved. ``image`` is the path the annotation file gives, relative
+    to the images folder.
+
+    ``pairs`` (preference benchmarks): one row per compared pair of images of one prompt, columns
+    ``subset, prompt_id, image_a, image_b, label`` (1.0: ``image_a`` preferred, 0.0: ``image_b``,
+    0.5: a tie) and ``split`` where ``images`` has it. ``contrastive`` maps ``(subset, prompt)``
+    to the contrastive prompts the benchmark ships, if any.
     """
 
     benchmark: str
@@ -415,6 +510,7 @@ class BenchmarkData:
     contrastive: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  #: relative path -> sha256
     source: str = ""  #: where the annotations came from (a folder or a URL)
+    pairs: pd.DataFrame | None = None
 
 
 class Benchmark(ABC):
@@ -427,8 +523,15 @@ class Benchmark(ABC):
     id: ClassVar[str]
     subsets: ClassVar[tuple[str, ...]]
     description: ClassVar[str] = ""
-    #: What the headline numbers mean, printed under every table and recorded in the manifest.
-    protocol: ClassVar[str] = ""
+    #: How its numbers are computed (a :class:`Protocol`; a string is the TIA2 per-prompt
+    #: protocol with that note), printed under every table and recorded in the manifest.
+    protocol: ClassVar[Protocol | str] = Protocol()
+    #: The annotation folder's name under a data root (``--data ROOT`` of a multi-benchmark run
+    #: finds it as ``ROOT/<data_folder>``); default: the id.
+    data_folder: ClassVar[str | None] = None
+    #: Published reference numbers: ``{method: {metric: value}}`` (or ``{subset: {...}}``), with
+    #: where they come from in :attr:`protocol`'s note; shown beside the table.
+    published: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, data_dir: str | Path | None = None):
         self.data_dir = data_dir
@@ -457,12 +560,48 @@ class Benchmark(ABC):
         """Files read so far whose sha256 differs from the benchmark's card."""
         return []
 
+    def download(self, dest: Path | None = None, images: bool = False,
+                 progress: bool = True) -> dict[str, str]:
+        """Fetch the benchmark's public files (``harness data download``): the annotation files,
+        and with ``images`` the images where they are public, into the folder ``dest`` (None: the
+        benchmark's own cache, where :meth:`load` looks without ``data_dir``). Resumable and
+        checked by sha256; files already there with the right checksum are kept.
+
+        :returns: local path -> sha256 of every file fetched or found; an image archive unpacked
+            into a folder is listed as that folder (the one to pass as ``--images``) with the
+            archive's sha256. Default: nothing public to fetch, an error.
+        """
+        raise HarnessError(f"benchmark '{self.id}' has nothing to download; see its documentation "
+                           "for where its files come from, then pass --data/--images")
+
+    @classmethod
+    def get_protocol(cls) -> Protocol:
+        """:attr:`protocol` as a :class:`Protocol` (a plain string becomes its note)."""
+        if isinstance(cls.protocol, Protocol):
+            return cls.protocol
+        return Protocol(note=str(cls.protocol or ""))
+
     def reported(self, subsets: Sequence[str] | None = None) -> pd.DataFrame:
         """Published per-prompt metrics: columns ``subset, method, prompt`` + metric names
         (and ``scale``/``lambda`` where the authors released tuned values). Default: none."""
         import pandas as pd
 
         return pd.DataFrame(columns=["subset", "method", "prompt"])
+
+    def reported_scores(self, subsets: Sequence[str] | None = None) -> pd.DataFrame:
+        """Per-image scores the authors released (e.g. TIFA's clipscore and VQA scores): columns
+        ``subset, image, method, score``; the harness evaluates them with the benchmark's
+        protocol into "reported" rows, exactly as it does a scored model. Default: none."""
+        import pandas as pd
+
+        return pd.DataFrame(columns=["subset", "image", "method", "score"])
+
+    def image_path(self, root: Path, subset: str, image: str) -> Path:
+        """Where ``image`` of ``subset`` lives under the images folder ``root``: by default
+        ``root/<subset>/<image>`` when the benchmark has several subsets (or ``root/<subset>``
+        exists), else ``root/<image>``."""
+        nested = len(self.subsets) > 1 or (root / str(self.subsets[0])).is_dir()
+        return root / str(subset) / image if nested else root / image
 
     def resolve_images(
         self, data: BenchmarkData, images_dir: str | Path, skip_missing: bool = False
@@ -479,8 +618,7 @@ class Benchmark(ABC):
         root = Path(images_dir).expanduser()
         if not root.is_dir():
             raise HarnessError(f"images folder '{root}' does not exist")
-        nested = len(self.subsets) > 1 or (root / str(self.subsets[0])).is_dir()
-        frame["path"] = [str(root / str(s) / i) if nested else str(root / i)
+        frame["path"] = [str(self.image_path(root, str(s), str(i)))
                          for s, i in zip(frame["subset"], frame["image"], strict=True)]
         culprits = unreadable_images(frame["path"])
         if culprits and not skip_missing:

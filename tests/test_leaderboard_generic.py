@@ -46,5 +46,6 @@ def test_a_benchmark_without_annotator_columns(tmp_path):
     assert row["n_prompts"] == 6
     for m in METRICS:
         assert row[m] == pytest.approx(np.mean([e[m] for e in expected]), abs=1e-12)
-    assert result.notes[0] == "protocol: per-prompt means over prompts with both classes"
+    assert result.notes[0].startswith("protocol: per-prompt metrics")
+    assert result.notes[0].endswith("; per-prompt means over prompts with both classes")
     assert result.manifest["data"]["benchmark"] == "one-vote"

@@ -18,6 +18,7 @@ import click
 
 from harness.cli.options import (
     TEXT,
+    BenchmarkList,
     PathArg,
     PromptSource,
     RegisteredId,
@@ -151,13 +152,15 @@ def _print_comparisons(comparisons: Any, confidence: float) -> None:
 
 
 @cli.command("leaderboard")
-@click.argument("benchmark", default="tia2", type=RegisteredId("benchmarks"))
+@click.argument("benchmark", default="tia2", type=BenchmarkList())
 @click.option("--config", "config_path", type=PathArg(exists=True, dir_okay=False),
               help="YAML file with groups data, scoring, calibration, report (flags override it).")
-@click.option("--data", type=PathArg(exists=True, file_okay=False),
-              help="Annotation folder (default: download into the cache).")
+@click.option("--data", multiple=True, type=PathArg(exists=True, file_okay=False),
+              help="Annotation folder (default: download into the cache); with several benchmarks, "
+                   "roots holding one folder per benchmark (repeatable).")
 @click.option("--images", type=PathArg(exists=True, file_okay=False),
-              help="Image folder: DIR/<subset>/<file>.")
+              help="Image folder, paths as the annotations give them; with several benchmarks, "
+                   "a root with one folder per benchmark id.")
 @click.option("--skip-missing", is_flag=True, help="Score the images that exist; report how many were skipped.")
 @click.option("--subset", "subsets", multiple=True, type=TEXT, help="Subset(s) to evaluate (default: all).")
 @click.option("--out", type=PathArg(output=True, file_okay=False),
@@ -196,8 +199,15 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
     """
     from harness.evaluation.config import ConfigError
     from harness.evaluation.leaderboard import run_leaderboard
+    from harness.evaluation.multi import expand_benchmarks, resolve_data_dir
     from harness.evaluation.report import check_out, render_terminal, rows_as_records, write_run
 
+    benchmarks = expand_benchmarks(params["benchmark"])
+    roots = list(params["data"])
+    params["benchmark"] = benchmarks[0]
+    params["data"] = resolve_data_dir(benchmarks[0], roots, single=True) if len(benchmarks) == 1 and roots else None
+    if len(benchmarks) > 1:
+        return _multi(ctx, benchmarks, roots, out, as_json, force, params)
     try:
         config = config_from_flags(ctx, params)
         _check_device(ctx, config, params["config_path"])
@@ -220,6 +230,44 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
     print_failures(result.failed_images)
     if result.missing_images:
         click.echo(f"Skipped {len(result.missing_images)} missing or unreadable images.", err=True)
+    click.echo(f"Wrote {run_dir}", err=True)
+
+
+def _multi(ctx: click.Context, benchmarks: list[str], roots: list[Path], out: Path | None,
+           as_json: bool, force: bool, params: dict[str, Any]) -> None:
+    """``harness leaderboard A,B``: a run per benchmark and the summary, written whole."""
+    from harness.evaluation.config import ConfigError
+    from harness.evaluation.multi import run_leaderboards
+    from harness.evaluation.report import (
+        check_out,
+        render_summary_terminal,
+        render_terminal,
+        rows_as_records,
+        write_multi_run,
+    )
+
+    try:
+        config = config_from_flags(ctx, params)
+        _check_device(ctx, config, params["config_path"])
+        run_dir = check_out(out or _default_out("-".join(benchmarks) if len(benchmarks) < 4 else "all"), force)
+        multi = run_leaderboards(config, benchmarks, roots, params["images"], progress=not as_json)
+    except ConfigError as exc:
+        raise HarnessError(f"{_culprit(ctx, exc.param, params['config_path'])} {exc.problem}") from exc
+    try:
+        write_multi_run(run_dir, multi, plots=config.report.plots, force=force)
+    except HarnessError as exc:
+        kept = _cache_path(config.scoring.cache) if config.scoring.models else None
+        raise HarnessError(f"{exc}; " + (f"the scores are kept in the score cache {kept}, so a rerun "
+                                         "does not score again" if kept else "nothing was written")) from exc
+    if as_json:
+        click.echo(json.dumps(rows_as_records(multi.summary), indent=2))
+    else:
+        for bench, result in multi.results.items():
+            click.echo(f"\n{bench}")
+            render_terminal(result.rows, notes=result.notes[:1], confidence=result.confidence)
+        render_summary_terminal(multi.summary, multi.confidence)
+    for result in multi.results.values():
+        print_failures(result.failed_images)
     click.echo(f"Wrote {run_dir}", err=True)
 
 

@@ -109,6 +109,22 @@ class RegisteredId(click.ParamType):
         return value
 
 
+class BenchmarkList(click.ParamType):
+    """``BENCH``, ``BENCH,BENCH,...`` or ``all``: registered benchmark ids (or aliases)."""
+
+    name = "benchmark"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from harness.evaluation.multi import expand_benchmarks
+
+        TEXT.convert(value, param, ctx)
+        try:
+            expand_benchmarks(value)
+        except HarnessError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
 class ModelSpecText(click.ParamType):
     """``NAME`` or ``NAME:key=value,...``: a registered reward model and options its constructor
     takes, of the types it declares; checked without loading any weights."""

@@ -33,6 +33,7 @@ from harness.evaluation.config import (
 from harness.evaluation.contrastive import construct, contrastive_sets
 from harness.evaluation.metrics import METRICS, aggregate
 from harness.plugins import get_plugins
+from harness.types import BenchmarkData, Protocol
 
 ROW_KEYS = ("subset", "method", "source", "n_prompts", *METRICS, *(f"{m}_ci" for m in METRICS))
 PER_PROMPT_KEYS = ("subset", "method", "source", "prompt", "n_images", "n_positive", *METRICS)
@@ -55,6 +56,8 @@ class LeaderboardResult:
     failed_images: dict[str, str] = field(default_factory=dict)
     title: str = ""
     confidence: float = 0.95  #: the level of every interval, printed as given
+    protocol: Protocol = field(default_factory=Protocol)  #: how the benchmark's numbers are computed
+    benchmark: str = ""
 
 
 def _rows_for(per_prompt: pd.DataFrame, n_boot: int, seed: int, confidence: float) -> list[dict]:
@@ -70,16 +73,28 @@ def _rows_for(per_prompt: pd.DataFrame, n_boot: int, seed: int, confidence: floa
 def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> LeaderboardResult:
     """Compute the leaderboard ``config`` describes (nothing is written).
 
-    Rows: the benchmark's reported per-prompt metrics, the human-agreement row, and with
+    Rows follow the benchmark's :class:`~harness.types.Protocol`. Per-prompt per-image protocols
+    (TIA2): the benchmark's reported per-prompt metrics, the human-agreement row, and with
     ``scoring.models`` one scored row per model plus one row per normalizer (each model alone) and
-    ensemble (all models), calibrated without test labels.
+    ensemble (all models), calibrated without test labels. Pooled and preference protocols: the
+    released per-image scores (:meth:`~harness.types.Benchmark.reported_scores`) and each scored
+    model, evaluated by :func:`harness.evaluation.protocols.evaluate`.
     """
     config.validate()
     d, s, c, r = config.data, config.scoring, config.calibration, config.report
     plugins = get_plugins()
     bench = construct(plugins.benchmarks.get(d.benchmark), {}, {"data_dir": d.data})
+    protocol = bench.get_protocol()
+    if problems := protocol.problems():
+        raise HarnessError(f"benchmark '{bench.id}' declares an inconsistent protocol: {problems[0]}")
+    by_prompt = protocol.family == "per_image" and protocol.grouping == "prompt"
     subsets = bench.check_subsets(d.subsets)
     jobs = _calibration_jobs(c, s.models)
+    if jobs and not by_prompt:
+        raise ConfigError("calibration.normalizers" if c.normalizers else "calibration.ensembles",
+                          f"needs per-prompt per-image labels to calibrate against (as tia2 has); "
+                          f"'{bench.id}' is a {protocol.family} benchmark evaluated "
+                          f"{protocol.grouping}: score its models without normalizers")
     if s.models:
         from harness.scoring.specs import check_model_spec, check_unique_labels
 
@@ -101,14 +116,23 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
     labels = loaded.images
 
     parts: list[pd.DataFrame] = []
+    item_scores: list[pd.DataFrame] = []  # pooled and preference protocols: subset, image, method, source, score
     notes: list[str] = []
     if d.include_reported:
-        reported = bench.reported(subsets)
-        if not reported.empty:
-            reported = reported.merge(counts, on=["subset", "prompt"], how="left")
-            reported["source"] = "reported"
-            parts.append(reported)
-            notes += _tuned_notes(reported)
+        if by_prompt:
+            reported = bench.reported(subsets)
+            if not reported.empty:
+                reported = reported.merge(counts, on=["subset", "prompt"], how="left")
+                reported["source"] = "reported"
+                parts.append(reported)
+                notes += _tuned_notes(reported)
+        released = bench.reported_scores(subsets)
+        if not released.empty:
+            released = released.assign(subset=released["subset"].astype(str), source="reported")
+            if by_prompt:
+                parts += _prompt_rows(released, labels, "reported")
+            else:
+                item_scores.append(released)
     scores_frame = None
     comparisons = None
     failed: dict[str, str] = {}
@@ -131,55 +155,47 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
             parts.extend(cal_parts)
             for cal in calibration:
                 notes.append(f"{cal['subset']}/{cal['method']}: prompts {cal['prompts']}; {cal['summary']}")
-        own = scores_frame[scores_frame["column"] == 0]
-        scored = own.merge(
-            labels[["subset", "prompt", "image", "binary", "graded"]].assign(
-                subset=labels["subset"].astype(str)),
-            on=["subset", "prompt", "image"], how="left",
-        )
-        from harness.evaluation.metrics import per_prompt_metrics
-
-        for method, group in scored.groupby("method", sort=False):
-            pp = per_prompt_metrics(group, score="score", by=("subset", "prompt"))
-            pp["method"] = method
-            pp["source"] = "scored"
-            parts.append(pp)
-    if d.include_human and len(label_columns(labels)) >= 2:
+        own = scores_frame[scores_frame["column"] == 0][["subset", "image", "method", "score"]]
+        if by_prompt:
+            parts += _prompt_rows(own.assign(source="scored"), labels, "scored")
+        else:
+            item_scores.append(own.assign(source="scored"))
+    if by_prompt and d.include_human and len(label_columns(labels)) >= 2:
         human = human_agreement(labels)
         human["method"] = "human"
         human["source"] = "human"
         parts.append(human)
-    if not parts:
-        raise HarnessError("nothing to put on the leaderboard: no reported rows and no human row")
-    per_prompt = pd.concat([p[list(PER_PROMPT_KEYS)] for p in parts], ignore_index=True)
-    # Only prompts with both binary classes enter the means (AUROC is undefined otherwise).
-    per_prompt = per_prompt[per_prompt["auroc"].notna()].copy()
-    for col in ("n_images", "n_positive"):
-        if per_prompt[col].isna().any():  # pragma: no cover - a benchmark whose reported prompts have no labels
-            bad = per_prompt.loc[per_prompt[col].isna(), "prompt"].iloc[0]
-            raise HarnessError(f"benchmark '{bench.id}' reports prompt {bad!r} that has no labelled images")
-        per_prompt[col] = per_prompt[col].astype(np.int64)
     order = {name: i for i, name in enumerate(bench.subsets)}
-    per_prompt = per_prompt.sort_values(
-        "subset", key=lambda col: col.map(order), kind="stable"
-    ).reset_index(drop=True)
-    per_prompt["subset"] = per_prompt["subset"].astype(str)
+    if by_prompt:
+        if not parts:
+            raise HarnessError("nothing to put on the leaderboard: no reported rows and no human row")
+        per_prompt = _per_prompt_table(parts, bench.id, order)
+        rows = pd.DataFrame(_rows_for(per_prompt, r.bootstrap, r.seed, r.confidence), columns=list(ROW_KEYS))
+        if s.models and d.include_reported:
+            comparisons = compare_with_reported(per_prompt, n_boot=r.bootstrap, seed=r.seed,
+                                                confidence=r.confidence)
+    else:
+        if not item_scores:
+            raise HarnessError(f"nothing to put on the leaderboard: '{bench.id}' releases no "
+                               "per-image scores; score reward models with --model and --images")
+        from harness.evaluation.protocols import evaluate
 
-    rows = pd.DataFrame(_rows_for(per_prompt, r.bootstrap, r.seed, r.confidence), columns=list(ROW_KEYS))
-    if s.models and d.include_reported:
-        comparisons = compare_with_reported(per_prompt, n_boot=r.bootstrap, seed=r.seed,
-                                            confidence=r.confidence)
+        rows = evaluate(protocol, labels, _pairs_of(loaded, labels), pd.concat(item_scores, ignore_index=True),
+                        n_boot=r.bootstrap, seed=r.seed, confidence=r.confidence)
+        rows = rows.sort_values("subset", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
+        per_prompt = pd.DataFrame(columns=list(PER_PROMPT_KEYS))
     from harness.evaluation.manifest import build_manifest
 
     title = f"{bench.id} leaderboard"
-    if bench.protocol:
-        notes.insert(0, f"protocol: {bench.protocol}")
+    notes.insert(0, f"protocol: {protocol.describe()}")
     manifest = build_manifest(
         config.asdict(),
         r.seed,
         {
             "benchmark": bench.id,
             "subsets": subsets,
+            "protocol": protocol.asdict(),
+            "published": bench.published,
             "source": loaded.source,
             "files": {**loaded.files, **bench.files_read()},
             "checksum_mismatches": bench.mismatched_files(),
@@ -191,10 +207,53 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
     )
     manifest["models"] = model_info
     manifest["calibration"] = calibration
-    manifest["report"] = {"title": title, "notes": notes, "confidence": r.confidence}
+    manifest["report"] = {"title": title, "notes": notes, "confidence": r.confidence,
+                          "protocol": protocol.describe(), "headline": protocol.headline}
     return LeaderboardResult(rows, per_prompt, manifest, notes, missing, scores=scores_frame,
                              comparisons=comparisons, failed_images=failed, title=title,
-                             confidence=r.confidence)
+                             confidence=r.confidence, protocol=protocol, benchmark=bench.id)
+
+
+def _prompt_rows(scores: pd.DataFrame, labels: pd.DataFrame, source: str) -> list[pd.DataFrame]:
+    """Per-prompt metric tables, one per method, of per-image ``scores`` (subset, image, method,
+    score) against the labels of a per-prompt benchmark."""
+    from harness.evaluation.metrics import per_prompt_metrics
+
+    merged = scores.merge(
+        labels[["subset", "prompt", "image", "binary", "graded"]].assign(subset=labels["subset"].astype(str)),
+        on=["subset", "image"], how="inner")
+    out = []
+    for method, group in merged.groupby("method", sort=False):
+        pp = per_prompt_metrics(group, score="score", by=("subset", "prompt"))
+        out.append(pp.assign(method=method, source=source))
+    return out
+
+
+def _per_prompt_table(parts: list[pd.DataFrame], benchmark: str, order: dict[str, int]) -> pd.DataFrame:
+    per_prompt = pd.concat([p[list(PER_PROMPT_KEYS)] for p in parts], ignore_index=True)
+    # Only prompts with both binary classes enter the means (AUROC is undefined otherwise).
+    per_prompt = per_prompt[per_prompt["auroc"].notna()].copy()
+    for col in ("n_images", "n_positive"):
+        if per_prompt[col].isna().any():  # pragma: no cover - a benchmark whose reported prompts have no labels
+            bad = per_prompt.loc[per_prompt[col].isna(), "prompt"].iloc[0]
+            raise HarnessError(f"benchmark '{benchmark}' reports prompt {bad!r} that has no labelled images")
+        per_prompt[col] = per_prompt[col].astype(np.int64)
+    per_prompt = per_prompt.sort_values(
+        "subset", key=lambda col: col.map(order), kind="stable"
+    ).reset_index(drop=True)
+    per_prompt["subset"] = per_prompt["subset"].astype(str)
+    return per_prompt
+
+
+def _pairs_of(loaded: BenchmarkData, labels: pd.DataFrame) -> pd.DataFrame | None:
+    """The benchmark's pairs whose two images are among ``labels`` (resolved and scored)."""
+    if loaded.pairs is None:
+        return None
+    pairs = loaded.pairs.assign(subset=loaded.pairs["subset"].astype(str))
+    present = pd.MultiIndex.from_frame(labels[["subset", "image"]].astype({"subset": str}))
+    keep = (pd.MultiIndex.from_arrays([pairs["subset"], pairs["image_a"]]).isin(present)
+            & pd.MultiIndex.from_arrays([pairs["subset"], pairs["image_b"]]).isin(present))
+    return pairs[keep].reset_index(drop=True)
 
 
 def _tuned_notes(reported: pd.DataFrame) -> list[str]:

@@ -7,7 +7,11 @@ computed, so a failed run never leaves a half-written file or clobbers an earlie
 
 ``leaderboard.json`` schema: a list of rows, each
 ``{"subset", "method", "source", "n_prompts", <metric>: float, "<metric>_ci": [low, high]}``
-for the metrics auroc, auprc, ap5, ap10, ap25, spearman, kendall.
+for the metrics of the benchmark's protocol (:class:`harness.types.Protocol`): auroc, auprc, ap5,
+ap10, ap25, spearman, kendall for per-prompt benchmarks such as TIA2; e.g. spearman, kendall,
+pearson, pairwise_acc (plus ``n_items``) for pooled ones; ``accuracy`` and
+``accuracy_ties_dropped`` (plus ``n_items``, the pair counts and a chosen tie ``threshold``) for
+preference benchmarks. ``manifest.json`` records the protocol under ``data.protocol``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.evaluation.metrics import METRICS
 from harness.io import atomic_path, current_umask, read_json, write_json, write_text
 
 if TYPE_CHECKING:
@@ -32,8 +35,16 @@ if TYPE_CHECKING:
 
 METRIC_LABELS = {
     "auroc": "AUROC", "auprc": "AUPRC", "ap5": "AP@5", "ap10": "AP@10", "ap25": "AP@25",
-    "spearman": "Spearman", "kendall": "Kendall",
+    "spearman": "Spearman", "kendall": "Kendall", "pearson": "Pearson",
+    "pairwise_acc": "Pairwise acc", "accuracy": "Accuracy", "accuracy_ties_dropped": "Acc (no ties)",
 }
+#: Every metric a row can carry, in table order.
+ALL_METRICS = tuple(METRIC_LABELS)
+
+
+def metrics_of(rows: pd.DataFrame) -> list[str]:
+    """The metric columns of ``rows`` (a benchmark's protocol decides which), in table order."""
+    return [m for m in ALL_METRICS if m in rows.columns]
 
 
 def _clean(value: Any) -> Any:
@@ -70,16 +81,17 @@ def level(confidence: float) -> str:
 def render_markdown(rows: pd.DataFrame, notes: list[str] | None = None, title: str = "",
                     confidence: float = 0.95) -> str:
     lines = [f"# {title}", ""] if title else []
-    header = "| method | source | prompts | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |"
-    rule = "|---|---|---:|" + "---:|" * len(METRICS)
+    metrics = metrics_of(rows)
+    header = "| method | source | prompts | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |"
+    rule = "|---|---|---:|" + "---:|" * len(metrics)
     for subset, group in rows.groupby("subset", sort=False):
         lines += [f"## {subset}", "", header, rule]
         for _, r in group.iterrows():
-            cells = [f"{_fmt(r[m])} {_fmt_ci(r[f'{m}_ci'])}".strip() for m in METRICS]
+            cells = [f"{_fmt(r[m])} {_fmt_ci(r[f'{m}_ci'])}".strip() for m in metrics]
             lines.append(f"| {r['method']} | {r['source']} | {r['n_prompts']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Values are unweighted means over prompts with both binary classes; brackets "
-                 f"hold {level(confidence)} percentile-bootstrap intervals over prompts.")
+    lines.append(f"Brackets hold {level(confidence)} percentile-bootstrap intervals over prompts; "
+                 "the protocol note says how each number is computed.")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -97,19 +109,19 @@ def render_html(rows: pd.DataFrame, notes: list[str] | None = None, title: str =
     ]
     if title:
         parts.append(f"<h1>{html.escape(title)}</h1>")
+    metrics = metrics_of(rows)
     for subset, group in rows.groupby("subset", sort=False):
         parts.append(f"<h2>{html.escape(str(subset))}</h2><table><tr><th>method</th><th>source</th>"
-                     "<th>prompts</th>" + "".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS) + "</tr>")
+                     "<th>prompts</th>" + "".join(f"<th>{METRIC_LABELS[m]}</th>" for m in metrics) + "</tr>")
         for _, r in group.iterrows():
             cells = "".join(
-                f"<td>{_fmt(r[m])}<br><small>{_fmt_ci(r[f'{m}_ci'])}</small></td>" for m in METRICS
+                f"<td>{_fmt(r[m])}<br><small>{_fmt_ci(r[f'{m}_ci'])}</small></td>" for m in metrics
             )
             parts.append(f"<tr><td>{html.escape(str(r['method']))}</td><td>{html.escape(str(r['source']))}</td>"
                          f"<td>{r['n_prompts']}</td>{cells}</tr>")
         parts.append("</table>")
-    parts.append(f"<p><small>Values are unweighted means over prompts with both binary classes; "
-                 f"small numbers are {level(confidence)} percentile-bootstrap intervals over "
-                 "prompts.</small></p>")
+    parts.append(f"<p><small>Small numbers are {level(confidence)} percentile-bootstrap intervals "
+                 "over prompts; the protocol note says how each number is computed.</small></p>")
     if notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     parts.append("</body></html>")
@@ -129,7 +141,7 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path, confidence: float = 0.95) -> 
     labels = list(dict.fromkeys(f"{m} ({s})" for m, s in zip(rows["method"], rows["source"], strict=True)))
     width = 0.8 / max(1, len(labels))
     cmap = plt.get_cmap("tab10")
-    for metric in METRICS:
+    for metric in metrics_of(rows):
         fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(subsets) + 2) + 3, 4))
         for i, label in enumerate(labels):
             xs, ys, lo, hi = [], [], [], []
@@ -215,6 +227,118 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True,
     return out
 
 
+def write_multi_run(out: str | Path, multi: Any, plots: bool = True, force: bool = False) -> Path:
+    """Write a cross-benchmark run whole: ``<out>/<benchmark>/`` (each a run folder as
+    :func:`write_run` writes it), ``summary.{json,csv,md,html}`` and ``manifest.json``."""
+    out = check_out(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror or exc}") from exc
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())
+        for bench, result in multi.results.items():
+            folder = staging / bench
+            folder.mkdir()
+            _write_files(folder, result, plots)
+        summary = multi.summary
+        write_json(staging / "summary.json", rows_as_records(summary))
+        write_text(staging / "summary.csv", summary.to_csv(index=False))
+        write_text(staging / "summary.md", render_summary_markdown(summary, multi.notes, multi.title,
+                                                                  multi.confidence))
+        write_text(staging / "summary.html", render_summary_html(summary, multi.notes, multi.title,
+                                                                multi.confidence))
+        write_json(staging / "manifest.json", multi.manifest)
+        _swap_in(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise HarnessError(f"cannot write run folder '{out}': {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _summary_cells(summary: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]], dict]:
+    from harness.evaluation.multi import summary_table
+
+    return summary_table(summary)
+
+
+def render_summary_markdown(summary: pd.DataFrame, notes: list[str] | None = None, title: str = "",
+                            confidence: float = 0.95) -> str:
+    """Methods x benchmarks: each cell the benchmark's headline metric and its interval."""
+    columns, keys, cells = _summary_cells(summary)
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| method | source | " + " | ".join(columns) + " |",
+              "|---|---|" + "---:|" * len(columns)]
+    for key in keys:
+        row = []
+        for col in columns:
+            value, lo, hi = cells.get((key, col), (None, None, None))
+            row.append(f"{_fmt(value)} {_fmt_ci([lo, hi])}".strip() if value is not None else "")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(row) + " |")
+    lines += ["", f"Each cell: the benchmark's headline metric with its {level(confidence)} "
+                  "percentile-bootstrap interval over prompts; each benchmark's protocol below."]
+    if notes:
+        lines += ["", "Protocols:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_summary_html(summary: pd.DataFrame, notes: list[str] | None = None, title: str = "",
+                        confidence: float = 0.95) -> str:
+    columns, keys, cells = _summary_cells(summary)
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>{html.escape(title or 'summary')}</title>",
+             "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,td:nth-child(2){text-align:left}small{color:#666}</style>",
+             "</head><body>"]
+    if title:
+        parts.append(f"<h1>{html.escape(title)}</h1>")
+    parts.append("<table><tr><th>method</th><th>source</th>"
+                 + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>")
+    for key in keys:
+        tds = []
+        for col in columns:
+            value, lo, hi = cells.get((key, col), (None, None, None))
+            tds.append(f"<td>{_fmt(value)}<br><small>{_fmt_ci([lo, hi])}</small></td>"
+                       if value is not None else "<td></td>")
+        parts.append(f"<tr><td>{html.escape(key[0])}</td><td>{html.escape(key[1])}</td>{''.join(tds)}</tr>")
+    parts.append(f"</table><p><small>Each cell: the benchmark's headline metric with its "
+                 f"{level(confidence)} percentile-bootstrap interval over prompts.</small></p>")
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def render_summary_terminal(summary: pd.DataFrame, confidence: float = 0.95) -> None:
+    import sys
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    columns, keys, cells = _summary_cells(summary)
+    table = Table(title="summary: headline metric per benchmark", title_justify="left",
+                  header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("method")
+    table.add_column("source")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for key in keys:
+        values = []
+        for col in columns:
+            value, lo, hi = cells.get((key, col), (None, None, None))
+            values.append(f"{_fmt(value)}\n[dim]{_fmt_ci([lo, hi], 2)}[/dim]" if value is not None else "")
+        table.add_row(key[0], key[1], *values)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(f"[dim]brackets: {level(confidence)} bootstrap intervals over prompts[/dim]")
+
+
 def _swap_in(staging: Path, out: Path) -> None:
     """Rename the finished ``staging`` folder to ``out``, replacing what is there."""
     if not out.exists():
@@ -235,7 +359,7 @@ def _write_files(out: Path, result: LeaderboardResult, plots: bool) -> None:
     title, notes, confidence = result.title, result.notes, result.confidence
     records = rows_as_records(result.rows)
     csv_rows = result.rows.copy()
-    for m in METRICS:
+    for m in metrics_of(csv_rows):
         ci = csv_rows.pop(f"{m}_ci")
         csv_rows[f"{m}_ci_low"] = [c[0] for c in ci]
         csv_rows[f"{m}_ci_high"] = [c[1] for c in ci]
@@ -261,7 +385,7 @@ def load_rows(run_dir: str | Path) -> pd.DataFrame:
     """Read ``leaderboard.json`` of a run folder back into a DataFrame."""
     records = read_json(Path(run_dir) / "leaderboard.json", "run file", _RUN_FOLDER)
     rows = pd.DataFrame(records)
-    for m in METRICS:
+    for m in metrics_of(rows):
         rows[m] = rows[m].astype(float)
         rows[f"{m}_ci"] = [[float("nan") if v is None else v for v in ci] for ci in rows[f"{m}_ci"]]
     return rows
@@ -292,12 +416,12 @@ def render_terminal(rows: pd.DataFrame, console: Any = None, notes: list[str] | 
         table.add_column("method")
         table.add_column("source")
         table.add_column("n", justify="right")
-        for m in METRICS:
+        for m in metrics_of(rows):
             table.add_column(METRIC_LABELS[m], justify="right")
         for _, r in group.iterrows():
             table.add_row(
                 str(r["method"]), str(r["source"]), str(r["n_prompts"]),
-                *(f"{_fmt(r[m])}\n[dim]{_fmt_ci(r[f'{m}_ci'], 2)}[/dim]" for m in METRICS),
+                *(f"{_fmt(r[m])}\n[dim]{_fmt_ci(r[f'{m}_ci'], 2)}[/dim]" for m in metrics_of(rows)),
             )
         console.print(table)
     console.print(f"[dim]brackets: {level(confidence)} bootstrap intervals over prompts[/dim]")

@@ -70,6 +70,11 @@ _HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of an image inside a container (``archive.zip::member``)."""
+    from harness.images import read_image_bytes, split_member
+
+    if split_member(path) is not None:
+        return hashlib.sha256(read_image_bytes(path)).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):

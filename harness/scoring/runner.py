@@ -48,7 +48,7 @@ def score_images(
     prompts: Sequence[Sequence[str]],
     *,
     spec: ModelSpec | None = None,
-    cache: ScoreCache | None = None,
+    cache: ScoreCache | str | Path | bool | None = None,
     batch_size: int = 16,
     progress: bool = False,
     executor: Executor | None = None,
@@ -58,6 +58,8 @@ def score_images(
     :param spec: the :class:`~harness.scoring.specs.ModelSpec` the model was loaded from: it
         keys the cache by the constructor's options and lets a Ray actor build the same model
         (:func:`score_models` passes it). Without it the cache key uses ``describe()``.
+    :param cache: an open :class:`~harness.scoring.cache.ScoreCache`, a path, ``True`` (the user
+        cache) or ``None``/``False`` (none).
     :param batch_size: images per forward pass (each with all its prompts).
     :param executor: where to run (default :class:`~harness.scoring.executors.LocalExecutor`).
     :returns: a :class:`ScoreRun`; ``scores[i]`` is None for images in ``failed``;
@@ -72,6 +74,10 @@ def score_images(
         raise HarnessError(
             f"executor {executor!r} is not an Executor (it needs batches() and describe())"
         )
+    if cache is not None and not hasattr(cache, "put"):
+        from harness.scoring.cache import open_score_cache
+
+        cache = open_score_cache(cache)
     plan = ScorePlan(model, paths, prompts, cache, spec=spec)
     plan.run.executor_info = dict(executor.describe())
     if plan.todo:

@@ -24,7 +24,7 @@ from harness.errors import HarnessError, did_you_mean
 from harness.hookspecs import hookimpl
 from harness.images import log_skipped, unreadable_message, unreadable_reason
 from harness.io import cache_dir, fetch, read_json, sha256_file
-from harness.types import Benchmark, BenchmarkData, PromptSetGenerator
+from harness.types import PROMPT_METRICS, Benchmark, BenchmarkData, PromptSetGenerator, Protocol
 
 log = logging.getLogger("harness.tia2")
 
@@ -51,6 +51,10 @@ class TIA2(Benchmark):
     id: ClassVar[str] = "tia2"
     subsets: ClassVar[tuple[str, ...]] = ("comprehensive", "counting", "composition")
     description: ClassVar[str] = "TIA2 text-image alignment (550 prompts, 27,500 SD2.1 images)"
+    protocol: ClassVar[Protocol] = Protocol(
+        family="per_image", grouping="prompt", metrics=PROMPT_METRICS, headline="auroc",
+        note="Kim et al. (ICLR 2024): binary label = majority of 3 annotators, graded = their mean; "
+             "50 images per prompt")
 
     def __init__(
         self,
@@ -88,6 +92,23 @@ class TIA2(Benchmark):
 
     def mismatched_files(self) -> list[str]:
         return list(self.checksum_mismatches)
+
+    def download(self, dest: Path | None = None, images: bool = False,
+                 progress: bool = True) -> dict[str, str]:
+        """Fetch every annotation file of ``card.yaml`` into ``dest`` (the layout of
+        kykim0/TextNorm, a ``--data`` folder; None: the cache that :meth:`load` uses), each
+        checked by sha256. The images are on the authors' Google Drive, not downloadable here."""
+        if images:
+            raise HarnessError(
+                "TIA2's images are hosted by the authors on Google Drive (see the kykim0/TextNorm "
+                "README): download them by hand and pass --images DIR; `harness data download "
+                "tia2` without --images fetches the annotations")
+        root = Path(dest).expanduser() if dest is not None else self.cache
+        out = {}
+        for relpath, expected in self.expected.items():
+            path = fetch(self.base_url + relpath, root / relpath, expected)
+            out[str(path)] = sha256_file(path)
+        return out
 
     def check_subsets(self, subsets: Sequence[str] | None) -> list[str]:
         if not subsets:
