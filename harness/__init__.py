@@ -27,9 +27,11 @@ from harness.types import (  # noqa: E402
     FineTuneResult,
     FineTuneSettings,
     Hyperparameter,
+    ModelCard,
     Normalizer,
     PairRewardModel,
     PromptSetGenerator,
+    Protocol,
     RewardModel,
 )
 
@@ -42,11 +44,13 @@ _LAZY = {
     "run_leaderboard": "harness.evaluation.leaderboard",
     "LeaderboardConfig": "harness.evaluation.config",
     "LeaderboardResult": "harness.evaluation.leaderboard",
+    "run_leaderboards": "harness.evaluation.multi",
 }
 
 __all__ = [
     "Benchmark", "BenchmarkData", "FineTuneResult", "FineTuneSettings", "FineTuner", "HarnessError",
-    "Hyperparameter", "Normalizer", "PairRewardModel", "PromptSetGenerator", "RewardModel",
+    "Hyperparameter", "ModelCard", "Normalizer", "PairRewardModel", "PromptSetGenerator", "Protocol",
+    "RewardModel",
     "__version__", "hookimpl", *_LAZY,
 ]
 

@@ -367,11 +367,42 @@ def check_benchmark(bench: Benchmark, subsets: Sequence[str] | None = None) -> B
     assert len(frame), f"{bench.id}: no images in subsets {wanted}"
     found = set(frame["subset"].astype(str))
     assert found <= set(wanted), f"{bench.id}: asked for {wanted}, got rows of {sorted(found)}"
-    assert str(frame["binary"].dtype) == "int8", f"binary is {frame['binary'].dtype}, expected int8"
-    assert set(np.unique(frame["binary"])) <= {0, 1}, "binary holds values other than 0/1"
+    protocol = bench.get_protocol()
+    problems = protocol.problems()
+    assert not problems, f"{bench.id}: inconsistent protocol: {problems[0]}"
+    binary = frame["binary"]
+    assert str(binary.dtype) in ("int8", "float64"), f"binary is {binary.dtype}, expected int8 (or float64 with NaN)"
+    known = binary.dropna().to_numpy()
+    assert set(np.unique(known)) <= {0, 1}, "binary holds values other than 0/1 (NaN: no label)"
     assert str(frame["graded"].dtype) == "float64", f"graded is {frame['graded'].dtype}, expected float64"
-    graded = frame["graded"].to_numpy()
-    assert ((graded >= 0) & (graded <= 1)).all(), "graded leaves [0, 1]"
+    graded = frame["graded"].dropna().to_numpy()
+    assert ((graded >= 0) & (graded <= 1)).all(), "graded leaves [0, 1] (NaN: no label)"
+    if protocol.family == "per_image":
+        needs_binary = {"auroc", "auprc", "ap5", "ap10", "ap25"} & set(protocol.metrics)
+        evaluated = frame[frame["split"] == "test"] if "split" in frame else frame
+        if needs_binary:
+            assert evaluated["binary"].notna().all(), (
+                f"{bench.id}: its protocol's {sorted(needs_binary)} need a binary label on every image")
+        if {"spearman", "kendall", "pearson", "pairwise_acc"} & set(protocol.metrics):
+            assert evaluated["graded"].notna().all(), (
+                f"{bench.id}: its protocol's correlations need a graded label on every image")
+    else:
+        pairs = data.pairs
+        assert pairs is not None, f"{bench.id}: a preference benchmark must give pairs"
+        absent = [c for c in ("subset", "prompt_id", "image_a", "image_b", "label") if c not in pairs.columns]
+        assert not absent, f"{bench.id}: pairs lack the columns {absent}"
+        assert set(np.unique(pairs["label"])) <= {0.0, 0.5, 1.0}, "pair labels must be 1, 0 or 0.5 (tie)"
+        images = set(zip(frame["subset"].astype(str), frame["image"], strict=True))
+        for side in ("image_a", "image_b"):
+            unknown = [i for s, i in zip(pairs["subset"].astype(str), pairs[side], strict=True)
+                       if (s, i) not in images]
+            assert not unknown, f"{bench.id}: pairs name images not in images, e.g. {unknown[0]}"
+        if protocol.tie_rule == "threshold":
+            assert "split" in pairs and set(pairs["split"]) >= {"test", "validation"}, (
+                f"{bench.id}: tie_rule threshold needs test and validation pairs")
+    released = bench.reported_scores(wanted)
+    absent = [c for c in ("subset", "image", "method", "score") if c not in released.columns]
+    assert not absent, f"{bench.id}: reported_scores() lacks the columns {absent}"
     for col in ("prompt", "image"):
         assert all(isinstance(v, str) and v for v in frame[col]), f"{col}: empty or not strings"
     for col in (c for c in frame.columns if str(c).startswith("label_")):

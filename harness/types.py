@@ -42,6 +42,29 @@ def to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What a user must know about a reward model's default weights (``harness models ID``).
+
+    :param checkpoint: the default checkpoint (a hub id or a URL of the original file).
+    :param revision: the pinned hub revision (a 40-hex commit) or the file's sha256, if known.
+    :param license: of the weights.
+    :param score_range: e.g. "[-1, 1]" or "(0, 1)" or "unbounded, ~N(0, 1)".
+    :param meaning: what a score means (e.g. "cosine similarity x 100", "P(yes)").
+    :param paper: citation; :param source: the original implementation (repository or package).
+    :param variants: other checkpoints the plugin takes, ``{name: checkpoint}``.
+    """
+
+    checkpoint: str
+    license: str
+    score_range: str
+    meaning: str
+    revision: str | None = None
+    paper: str = ""
+    source: str = ""
+    variants: dict[str, str] = field(default_factory=dict)
+
+
 class RewardModel(ABC):
     """Scores image-prompt pairs. Higher means better aligned.
 
@@ -83,6 +106,8 @@ class RewardModel(ABC):
     #: A Ray runtime_env for this model's actors (pip requirements, env vars), so models with
     #: conflicting dependencies can run side by side on one cluster. None: the driver's env.
     ray_runtime_env: ClassVar[dict[str, Any] | None] = None
+    #: The default weights' model card (None: none published).
+    card: ClassVar[ModelCard | None] = None
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32"):
         self.checkpoint = checkpoint or self.default_checkpoint
@@ -567,9 +592,9 @@ class Benchmark(ABC):
         benchmark's own cache, where :meth:`load` looks without ``data_dir``). Resumable and
         checked by sha256; files already there with the right checksum are kept.
 
-        :returns: local path -> sha256 of every file fetched or found; an image archive unpacked
-            into a folder is listed as that folder (the one to pass as ``--images``) with the
-            archive's sha256. Default: nothing public to fetch, an error.
+        :returns: local path -> sha256 of every file fetched or found, and with ``images`` the
+            folder to pass as ``--images`` -> ``"folder"``. Default: nothing public to fetch, an
+            error.
         """
         raise HarnessError(f"benchmark '{self.id}' has nothing to download; see its documentation "
                            "for where its files come from, then pass --data/--images")

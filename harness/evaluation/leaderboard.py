@@ -224,7 +224,8 @@ def _prompt_rows(scores: pd.DataFrame, labels: pd.DataFrame, source: str) -> lis
         on=["subset", "image"], how="inner")
     out = []
     for method, group in merged.groupby("method", sort=False):
-        pp = per_prompt_metrics(group, score="score", by=("subset", "prompt"))
+        pp = per_prompt_metrics(group, score="score", by=("subset", "prompt"),
+                                snap_ties=source != "reported")
         out.append(pp.assign(method=method, source=source))
     return out
 

@@ -16,7 +16,8 @@ and graded labels ``g_i``:
 Ties: scores of one prompt that differ by no more than rounding noise (``|a - b| <= 1e-9
 max(|a|, |b|) + 1e-15``, chained through sorted neighbours) are the same score for every metric
 (:func:`merge_ties`), so a reward that cannot tell images apart gets an AUROC of exactly 1/2
-rather than whatever its last bits say.
+rather than whatever its last bits say. Scores a benchmark's authors released are taken exactly
+as given (``snap_ties=False``), so their rows reproduce the authors' computation.
 
 Everything is vectorised over prompts: a prompt is one row of a padded ``[P, N]`` matrix with a
 boolean mask of the images it really has. Prompts whose images all share one binary label have an
@@ -113,6 +114,7 @@ def batch_prompt_metrics(
     binary_labels: np.ndarray,
     graded_labels: np.ndarray,
     mask: np.ndarray | None = None,
+    snap_ties: bool = True,
 ) -> dict[str, np.ndarray]:
     """All metrics for ``P`` prompts at once.
 
@@ -120,8 +122,11 @@ def batch_prompt_metrics(
     :param binary_labels: ``[P, N]`` of 0/1 (or bool).
     :param graded_labels: float ``[P, N]``, the target of ``spearman`` and ``kendall``.
     :param mask: bool ``[P, N]``, True where the prompt has an image; all True when omitted.
+    :param snap_ties: scores within rounding noise of each other are ties (:func:`merge_ties`);
+        False for numbers someone else computed (released scores are taken exactly as given, so
+        their metrics equal the authors' own computation).
     :returns: ``{metric: float64 [P]}`` with NaN where a metric is undefined (one class, constant
-        scores or labels). Scores within rounding noise of each other are ties (:func:`merge_ties`).
+        scores or labels).
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2:
@@ -139,7 +144,7 @@ def batch_prompt_metrics(
     if not np.isfinite(g[m]).all():
         raise ValueError("graded labels contain NaN or infinite values")
     P, N = s.shape
-    s = merge_ties(s, m) if N > 1 else s
+    s = merge_ties(s, m) if snap_ties and N > 1 else s
     y = y & m
     n = m.sum(1)
     npos = y.sum(1)
@@ -210,6 +215,7 @@ def per_prompt_metrics(
     by: Sequence[str] = ("subset", "prompt"),
     binary: str = "binary",
     graded: str = "graded",
+    snap_ties: bool = True,
 ) -> pd.DataFrame:
     """Metrics for every prompt of a long table (one row per image).
 
@@ -230,7 +236,7 @@ def per_prompt_metrics(
     y[code, pos] = frame[binary].to_numpy().astype(bool)
     g[code, pos] = frame[graded].to_numpy(dtype=np.float64)
     m[code, pos] = True
-    values = batch_prompt_metrics(s, y, g, m)
+    values = batch_prompt_metrics(s, y, g, m, snap_ties=snap_ties)
     keys = groups.size().reset_index()[by]  # group order == ngroup order (sort=False)
     out = keys.copy()
     out["n_images"] = m.sum(1)

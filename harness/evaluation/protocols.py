@@ -49,11 +49,11 @@ def _snap_ties(x: np.ndarray) -> np.ndarray:
 
 # -- pooled per-image metrics -------------------------------------------------------------------
 def pooled_auroc(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
-    return float(batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))))["auroc"][0])
+    return float(batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))), snap_ties=False)["auroc"][0])
 
 
 def pooled_auprc(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
-    return float(batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))))["auprc"][0])
+    return float(batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))), snap_ties=False)["auprc"][0])
 
 
 def pooled_spearman(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
@@ -136,10 +136,12 @@ def _group_draws(groups: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]
 
 
 def evaluate_pooled(frame: pd.DataFrame, protocol: Protocol, *, n_boot: int, seed: int,
-                    confidence: float) -> dict[str, Any]:
+                    confidence: float, snap_ties: bool = True) -> dict[str, Any]:
     """One row: ``frame`` holds the images of one (subset, method) with ``score, binary, graded,
-    prompt_id``."""
-    s = _snap_ties(frame["score"].to_numpy(np.float64))
+    prompt_id``. ``snap_ties``: scores within rounding noise are ties (False for released
+    scores, taken exactly as given)."""
+    s = frame["score"].to_numpy(np.float64)
+    s = _snap_ties(s) if snap_ties else s
     y = frame["binary"].to_numpy(np.float64)
     g = frame["graded"].to_numpy(np.float64)
     out: dict[str, Any] = {"n_prompts": int(frame["prompt_id"].nunique()), "n_items": len(frame)}
@@ -254,7 +256,8 @@ def score_pairs(pairs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
 def evaluate(protocol: Protocol, images: pd.DataFrame, pairs: pd.DataFrame | None,
              scores: pd.DataFrame, *, n_boot: int, seed: int, confidence: float) -> pd.DataFrame:
     """Rows of the pooled or preference ``protocol`` for every (subset, method, source) in
-    ``scores`` (columns ``subset, image, method, source, score``)."""
+    ``scores`` (columns ``subset, image, method, source, score``). Released scores (source
+    ``reported``) are taken exactly as given; the harness's own have rounding-noise ties merged."""
     rows = []
     keys = ["subset", "method", "source"]
     if protocol.family == "preference":
@@ -281,6 +284,7 @@ def evaluate(protocol: Protocol, images: pd.DataFrame, pairs: pd.DataFrame | Non
         frame = group[["subset", "image", "score"]].merge(labelled, on=["subset", "image"])
         if frame.empty:
             continue
-        row = evaluate_pooled(frame, protocol, n_boot=n_boot, seed=seed, confidence=confidence)
+        row = evaluate_pooled(frame, protocol, n_boot=n_boot, seed=seed, confidence=confidence,
+                              snap_ties=source != "reported")
         rows.append({"subset": subset, "method": method, "source": source, **row})
     return pd.DataFrame(rows)
