@@ -29,6 +29,7 @@ from harness.hf import (
     weights_fingerprint,
 )
 from harness.hookspecs import hookimpl
+from harness.images import as_8bit
 from harness.types import RewardModel
 
 
@@ -39,8 +40,9 @@ class CLIPReward(RewardModel):
     default_checkpoint: ClassVar[str] = "openai/clip-vit-large-patch14"
     default_processor: ClassVar[str | None] = None  # None: the checkpoint's own processor
     #: 2: images reach the image processor as opened, which converts them itself (transparency
-    #: composited onto white), as the original does.
-    preprocessing_version: ClassVar[str] = "2"
+    #: composited onto white), as the original does. 3: samples wider than 8 bits (16-bit
+    #: greyscale PNGs) scaled to 8 bits first (harness.images.as_8bit), not clipped.
+    preprocessing_version: ClassVar[str] = "3"
     score_name: ClassVar[str] = "cosine"
     text_cache_size: ClassVar[int] = 65536
 
@@ -84,8 +86,9 @@ class CLIPReward(RewardModel):
     def preprocess(self, image: Any) -> Any:
         """PIL image as opened -> float32 ``[3, H, W]`` normalised pixels, through the
         checkpoint's image processor (which converts the mode itself, as the original does:
-        transparency composited onto white)."""
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        transparency composited onto white), after :func:`harness.images.as_8bit` (16-bit
+        greyscale scaled to 8 bits, where the processor would clip it to white)."""
+        return self.image_processor(images=as_8bit(image), return_tensors="pt")["pixel_values"][0]
 
     def preprocessor(self) -> Any:
         from harness.hf import ImageProcessorCall
@@ -122,21 +125,27 @@ class CLIPReward(RewardModel):
         return 1.0
 
     def text_embeddings(self, prompts: list[str]) -> Any:
-        """Unit-norm float32 text embeddings ``[T, D]``, computed once per distinct prompt."""
+        """Unit-norm float32 text embeddings ``[T, D]``, computed once per distinct prompt.
+
+        Each prompt is encoded on its own, at its own token length (cut at the model's
+        ``max_text_tokens``): a batch pads its prompts to the longest one and its matrix
+        products change shape with its size, which moves the results by ~1e-7, so a prompt's
+        embedding, and every score using it, would depend on which prompts happened to be
+        encoded with it (and a resumed fine-tuning run would drift from an uninterrupted one).
+        Alone, a prompt's embedding is the same bits whatever else is scored.
+        """
         torch = self._torch
-        missing = [p for p in prompts if p not in self._text]
-        for lo in range(0, len(missing), 256):
-            chunk = missing[lo : lo + 256]
-            full = self.tokenizer(chunk, truncation=False)["input_ids"]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if missing:
+            full = self.tokenizer(missing, truncation=False)["input_ids"]
             self.truncated_prompts += sum(len(ids) > self.max_text_tokens for ids in full)
-            tok = self.tokenizer(chunk, padding=True, truncation=True,
-                                 max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+        for p in missing:
+            tok = self.tokenizer([p], truncation=True, max_length=self.max_text_tokens,
+                                 return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 out = self.model.get_text_features(**tok)
                 feats = out.pooler_output if hasattr(out, "pooler_output") else out
-                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-            for p, f in zip(chunk, feats, strict=True):
-                self._text[p] = f
+                self._text[p] = torch.nn.functional.normalize(feats.float(), dim=-1)[0]
         for p in prompts:
             self._text.move_to_end(p)
         while len(self._text) > self.text_cache_size:

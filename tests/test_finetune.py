@@ -257,7 +257,9 @@ def test_nan_reward_stops_with_step_and_prompt_and_keeps_the_checkpoint(sd, tmp_
         return out
 
     cfg = config(DDPOConfig, sd, tmp_path / "nan", num_epochs=3)
-    with pytest.raises(HarnessError, match=r"returned nan at epoch 2 .*for prompt '.*'; stopped. Last checkpoint: .*epoch-0001"):
+    with pytest.raises(HarnessError, match=r"^stopped at epoch 2, step 2: reward 'flaky' returned nan for "
+                       r"prompt '.*' \(1 of 4 images non-finite\); .* the last good checkpoint is "
+                       r".*epoch-0001\. Fix the reward"):
         DDPOTrainer(cfg, reward=flaky).train()
     assert (tmp_path / "nan/checkpoints/epoch-0001/pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "nan/checkpoints/epoch-0002").exists()

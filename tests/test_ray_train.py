@@ -105,3 +105,27 @@ def test_cli_ray_builds_the_reward_from_the_config(cluster, sd, tmp_path):
     assert list(log["epoch"]) == [1] and 0 < log["reward_mean"].iloc[0] <= 1
     assert f"Trained 1 epoch on Ray Train; last mean reward {log['reward_mean'].iloc[0]:.4f}" in result.stderr
     assert (tmp_path / "out" / "checkpoints" / "epoch-0001").is_dir()
+
+
+def test_a_diverging_run_stops_once_not_max_failures_times(cluster, sd, tmp_path):
+    """A run stopped by a HarnessError (here: weights that overflow the UNet, at the first
+    checkpoint) is not trained again by Ray's restarts: they stop at once with the same line."""
+    from harness.errors import HarnessError
+
+    out = tmp_path / "diverge"
+    with pytest.raises(HarnessError, match=r"^stopped at epoch 1, step 1: the weights after this step make "
+                                           r"the UNet's output non-finite; .*Lower train_learning_rate"):
+        train_on_ray(cluster.instrumented(SDDDPO, cluster.record_weights),
+                     cfg(DDPOConfig, sd, out, num_epochs=3, train_learning_rate=1e10),
+                     workers=2, reward=cluster.make, cpus_per_worker=0.5, max_failures=2)
+    # Rank 1 finished epoch 1 once (rank 0 stopped while saving it); no restart trained again.
+    assert [row["epoch"] for row in ranks_of(out, 1)] == [1]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("epoch-*"))
+    with pytest.raises(HarnessError, match=r"output_dir '.*diverge' is not empty: continue the run in it "
+                                           r"with --resume"):
+        train_on_ray(SDDDPO(), cfg(DDPOConfig, sd, out), workers=2, reward=cluster.make)
+
+
+def ranks_of(out, rank):
+    path = out / "ranks" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

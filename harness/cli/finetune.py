@@ -6,19 +6,20 @@ from pathlib import Path
 
 import click
 
+from harness.cli.options import MAX_PROCESSES, TEXT, PathArg, RayAddress, RegisteredId
 from harness.cli.root import cli
 
 
 @cli.command("finetune")
-@click.argument("method", metavar="ID")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+@click.argument("method", metavar="ID", type=RegisteredId("finetuners"))
+@click.option("--config", "config_path", type=PathArg(exists=True, dir_okay=False), required=True,
               help="YAML file of settings (see docs/finetune.md).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config setting.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", type=TEXT, help="Override a config setting.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Train (data-parallel workers).")
-@click.option("--workers", default=2, show_default=True, help="Ray Train workers (with --ray).")
-@click.option("--address", default=None, help="Ray cluster address (with --ray; default: a local instance).")
-@click.option("--max-failures", default=2, show_default=True, help="Worker-group restarts from the last checkpoint (with --ray).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, MAX_PROCESSES), help="Ray Train workers (with --ray).")
+@click.option("--address", default=None, type=RayAddress(), help="Ray cluster address (with --ray; default: a local instance).")
+@click.option("--max-failures", default=2, show_default=True, type=click.IntRange(0, MAX_PROCESSES), help="Worker-group restarts from the last checkpoint (with --ray).")
 def finetune_command(method: str, config_path: Path, overrides: tuple[str, ...], resume: bool,
                      use_ray: bool, workers: int, address: str | None, max_failures: int) -> None:
     """Fine-tune a text-to-image model against a reward with the fine-tuner ID.

@@ -13,6 +13,7 @@ checkpoint (``config.resume_from``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from collections.abc import Callable
@@ -24,6 +25,10 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.types import FineTuner, FineTuneResult, FineTuneSettings
+
+#: written into output_dir by a worker that stopped with a HarnessError, so that Ray's restarts
+#: of the worker group stop at once with the same message instead of training again
+STOP_FILE = ".harness-stopped"
 
 
 class _RewardActor:
@@ -49,7 +54,13 @@ class SharedReward:
 
         actor = self.actors[self._next % len(self.actors)]
         self._next += 1
-        return np.asarray(ray.get(actor.__call__.remote(images, prompts)), dtype=np.float64)
+        try:
+            return np.asarray(ray.get(actor.__call__.remote(images, prompts)), dtype=np.float64)
+        except ray.exceptions.RayTaskError as exc:
+            # The reward's own one-line error (a NaN score, ...), without the remote traceback.
+            if isinstance(exc.cause, HarnessError):
+                raise HarnessError(str(exc.cause)) from None
+            raise
 
 
 def _resolve(tuner: str | FineTuner) -> FineTuner:
@@ -69,6 +80,9 @@ def _loop(loop_config: dict[str, Any]) -> None:
 
     tuner: FineTuner = loop_config["tuner"]
     config = tuner.config_class(**loop_config["config"])
+    stop_file = Path(config.output_dir) / STOP_FILE
+    if stop_file.is_file():  # a restart after a stop that would only happen again
+        raise HarnessError(stop_file.read_text(encoding="utf-8").strip())
     checkpoint = ray.train.get_checkpoint()
     staged = None
     if checkpoint is not None:
@@ -86,6 +100,12 @@ def _loop(loop_config: dict[str, Any]) -> None:
 
     try:
         tuner.train(config, loop_config["reward"], on_checkpoint=report)
+    except HarnessError as exc:
+        # A HarnessError (a diverged run, a bad reward) is deterministic: Ray would restart the
+        # group from the last checkpoint and hit it again, max_failures times. Restarts read this.
+        with contextlib.suppress(OSError):
+            stop_file.write_text(str(exc), encoding="utf-8")
+        raise
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
@@ -121,6 +141,11 @@ def train_on_ray(
     if workers < 1:
         raise HarnessError(f"--workers must be >= 1, got {workers}")
     tuner.check_workers(config, workers)
+    out = Path(config.output_dir).expanduser().resolve()
+    if not config.resume_from and out.is_dir() and any(out.iterdir()):
+        # Workers cannot tell a restart from a fresh start into a used folder: check here.
+        raise HarnessError(f"output_dir '{out}' is not empty: continue the run in it with --resume "
+                           "(resume_from: latest), or choose an empty output_dir")
     if reward is None:
         check_reward_settings(config)
         config.training_prompts()
@@ -138,8 +163,8 @@ def train_on_ray(
     actor_cls = ray.remote(num_cpus=0.25, num_gpus=0.25 if use_gpu else 0)(_RewardActor)
     actors = [actor_cls.remote(factory) for _ in range(reward_actors)]
     shared = SharedReward(actors, name)
-    out = Path(config.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / STOP_FILE).unlink(missing_ok=True)
     config = dataclasses.replace(config, output_dir=str(out))
     trainer = TorchTrainer(
         _loop,
@@ -155,13 +180,31 @@ def train_on_ray(
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors
-        cause = exc
-        while getattr(cause, "__cause__", None) is not None:
-            cause = cause.__cause__
-        if isinstance(cause, HarnessError):
+        cause = _harness_error(exc)
+        if cause is not None:
             raise cause from exc
         raise
+    finally:
+        (out / STOP_FILE).unlink(missing_ok=True)
     return _result(out)
+
+
+def _harness_error(exc: BaseException) -> HarnessError | None:
+    """The first HarnessError a worker raised, out of Ray's wrappers: a cause chain, a Ray Train
+    ``WorkerGroupError``'s ``worker_failures`` (by rank) or a task error's ``cause``."""
+    todo: list[Any] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        wrapped = getattr(err, "cause", None)  # RayTaskError: also an instance of its cause's class
+        if isinstance(err, HarnessError) and not isinstance(wrapped, BaseException):
+            return err
+        failures = getattr(err, "worker_failures", None) or {}
+        todo += [wrapped, err.__cause__, *(failures[rank] for rank in sorted(failures))]
+    return None
 
 
 def _result(out: Path) -> FineTuneResult:

@@ -191,6 +191,15 @@ class RewardFunction:
             batch = collate([model.preprocess(image) for image in images])
             with torch.no_grad():
                 out[label] = run_with_backoff(model, batch, columns)
+            for i, (scores, cols) in enumerate(zip(out[label], columns, strict=True)):
+                bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=np.float64)))
+                if bad.size:
+                    j = int(bad[0])
+                    which = "its prompt" if j == 0 else f"contrastive prompt {cols[j]!r} of"
+                    raise HarnessError(
+                        f"reward model '{label}' returned {scores[j]} for image {i} of the batch "
+                        f"against {which} {cols[0]!r}: check its checkpoint and dtype (float32 "
+                        "avoids float16 overflow)")
         return out
 
     def __call__(self, images: Sequence[Any], prompts: Sequence[str]) -> np.ndarray:
@@ -211,6 +220,11 @@ class RewardFunction:
                     f"normalizer '{self.normalizer.id}' returned {values.size} values for the "
                     f"{len(index)} images of prompt {prompt!r}; it must return one per image"
                 )
+            if not np.isfinite(values).all():
+                raise HarnessError(
+                    f"normalizer '{self.normalizer.id}' returned "
+                    f"{values[~np.isfinite(values)][0]} for prompt {prompt!r} from finite scores: "
+                    "check its options (normalizer_options)")
             out[index] = values
         return out
 

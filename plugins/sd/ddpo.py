@@ -53,7 +53,8 @@ class DDPOTrainer(RewardTrainer):
                 out = sample_with_logprob(self.pipe, pos, neg, num_steps=c.sample_num_steps,
                                           guidance=c.sample_guidance_scale, eta=c.sample_eta,
                                           generator=g, resolution=c.resolution)
-            rewards = self.check_rewards(self.reward(to_pil(out["images"]), prompts), prompts, e)
+            self.check_samples(out, e)
+            rewards = self.rewards_for(to_pil(out["images"]), prompts, e)
             batches.append({"prompts": prompts, "pos": pos, "neg": neg, "rewards": rewards,
                             "latents": out["latents"], "log_probs": out["log_probs"],
                             "timesteps": out["timesteps"]})
@@ -73,10 +74,15 @@ class DDPOTrainer(RewardTrainer):
         shared = self.gather((s["prompts"], s["rewards"].tolist()))
         all_prompts = [p for prompts, _ in shared for p in prompts]
         all_rewards = np.array([r for _, rewards in shared for r in rewards])
-        if c.per_prompt_stat_tracking:
-            adv_all = self.tracker.update(all_prompts, all_rewards)
-        else:
-            adv_all = (all_rewards - all_rewards.mean()) / (all_rewards.std() + 1e-8)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            if c.per_prompt_stat_tracking:
+                adv_all = self.tracker.update(all_prompts, all_rewards)
+            else:
+                adv_all = (all_rewards - all_rewards.mean()) / (all_rewards.std() + 1e-8)
+        if not np.isfinite(adv_all).all():  # finite rewards whose squares overflow
+            raise self.stopped(e, f"reward '{self.reward_name}' values up to "
+                                  f"{np.abs(all_rewards).max():.3g} are too large to standardise",
+                               "Rescale the reward (e.g. a normalizer such as textnorm)")
         start = sum(len(prompts) for prompts, _ in shared[: self.rank])
         adv = adv_all[start : start + len(s["prompts"])]
         rewards = all_rewards
@@ -110,7 +116,7 @@ class DDPOTrainer(RewardTrainer):
                     ratio = torch.exp(log_prob - old.float())
                     loss = ppo_loss(a, ratio, c.train_clip_range)
                     (loss / (n_train * c.train_gradient_accumulation_steps)).backward()
-                    losses.append(float(loss.detach()))
+                    losses.append(self.record_loss(loss))
                     kls.append(float(0.5 * torch.mean((log_prob.detach() - old) ** 2)))
                     clipfracs.append(float(torch.mean((torch.abs(ratio.detach() - 1.0) > c.train_clip_range).float())))
                 accumulated += 1

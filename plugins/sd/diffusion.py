@@ -142,6 +142,9 @@ def load_pipeline(base_model: str, revision: str | None = None, device: str = "c
             f"base model '{base_model}' not found or has no model_index.json "
             "(expected a StableDiffusionPipeline saved with save_pretrained)"
         )
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": noise on stderr
     try:
         with quiet_transformers():
             pipe = StableDiffusionPipeline.from_pretrained(
@@ -151,6 +154,8 @@ def load_pipeline(base_model: str, revision: str | None = None, device: str = "c
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(f"cannot load base model '{base_model}' (a StableDiffusionPipeline): {first}") from exc
+    finally:
+        diffusers_logging.enable_progress_bar()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.requires_grad_(False)

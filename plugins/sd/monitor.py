@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.errors import HarnessError
 from harness.io import atomic_path, write_text
 
 
@@ -32,9 +33,16 @@ class OveroptimizationMonitor:
         self.out_dir = Path(out_dir)
         self.training_reward = training_reward
         self.rows: list[dict[str, Any]] = []
+
+    def load(self, upto_epoch: int) -> None:
+        """Resuming from the checkpoint of ``upto_epoch``: keep the evaluations written up to
+        it (later ones belong to the interrupted run and are made again), read back exactly."""
         path = self.out_dir / "monitor.csv"
-        if path.is_file():  # resuming: keep earlier evaluations
-            self.rows = pd.read_csv(path).to_dict(orient="records")
+        if path.is_file():
+            # pandas 3 reads floats back exactly by default (and deprecates the option); 2 needs it
+            exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+            frame = pd.read_csv(path, **exact)
+            self.rows = frame[frame["epoch"] <= upto_epoch].to_dict(orient="records")
 
     def evaluate(self, pipe: Any, epoch: int, *, num_steps: int, guidance: float, eta: float,
                  resolution: int | None) -> pd.DataFrame:
@@ -50,9 +58,22 @@ class OveroptimizationMonitor:
                 g = torch.Generator().manual_seed(self.seed + 1000 * p + k)
                 out = sample_with_logprob(pipe, pos[k:k + 1], neg[k:k + 1], num_steps=num_steps,
                                           guidance=guidance, eta=eta, generator=g, resolution=resolution)
+                if not bool(torch.isfinite(out["images"]).all()):
+                    raise HarnessError(
+                        f"overoptimization monitor, epoch {epoch}: the model produced non-finite "
+                        f"images for evaluation prompt {prompt!r}; set mixed_precision: bf16 or no, "
+                        "or lower train_learning_rate")
                 images += to_pil(out["images"])
             for name, fn in self.rewards.items():
                 scores = np.asarray(fn(images, [prompt] * len(images)), dtype=np.float64)
+                if scores.shape != (len(images),) or not np.isfinite(scores).all():
+                    found = (f"{scores.size} values for {len(images)} images"
+                             if scores.shape != (len(images),) else
+                             f"{scores[~np.isfinite(scores)][0]}")
+                    raise HarnessError(
+                        f"overoptimization monitor, epoch {epoch}: reward '{name}' returned "
+                        f"{found} for evaluation prompt {prompt!r}; fix or remove that reward "
+                        "(heldout_rewards), then continue with --resume")
                 for k, s in enumerate(scores):
                     self.rows.append({"epoch": epoch, "prompt": prompt, "seed_index": k,
                                       "reward": name, "score": float(s)})

@@ -38,8 +38,9 @@ class SFTTrainer(RewardTrainer):
                     out = sample_with_logprob(self.pipe, pos, neg, num_steps=c.sample_num_steps,
                                               guidance=c.sample_guidance_scale, eta=c.sample_eta,
                                               generator=seeded(c.seed, e, p, lo), resolution=c.resolution)
+                self.check_samples(out, e)
                 batch = to_pil(out["images"])
-                r = self.check_rewards(self.reward(batch, [prompt] * k), [prompt] * k, e)
+                r = self.rewards_for(batch, [prompt] * k, e)
                 images.append(out["images"].float())
                 prompts += [prompt] * k
                 rewards.append(r)
@@ -78,8 +79,8 @@ class SFTTrainer(RewardTrainer):
                 pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=pos[ids]).sample
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             loss.backward()
+            losses.append(self.record_loss(loss))
             self.optimizer_step()
-            losses.append(float(loss.detach()))
         return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "kept_reward_mean": float(rewards[top].mean()), "kept": int(keep),
                 "loss": float(np.mean(losses)), "prediction_type": kind, "images": int(len(rewards))}
