@@ -49,6 +49,7 @@ ENTRY_POINT_GROUP = "t2i_harness"
 #: Built-in plugins, registered like any other plugin.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "harness_plugins.tia2",
+    "harness_plugins.cards",
     "harness_plugins.clip",
     "harness_plugins.pickscore",
     "harness_plugins.blip2",

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -24,9 +25,12 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_example_plugin import EXAMPLE, SETS, make_swatches
+
+SHARED = REPO.parent / "shared"
 
 HUGE = "1" + "0" * 30  # past every 64-bit integer
 
@@ -90,6 +94,7 @@ def baseline(files: Files, path: tuple[str, ...]) -> dict[str, list[str] | bool]
         ("prompts", "generate"): {"generator": ["example-swap"], "input_path": [files.prompts],
                                   "out": [out / "sets.json"]},
         ("report",): {"run_dir": [files.run]},
+        ("data", "download"): {"benchmark": ["imagereward_test"], "dest": [files.root / "ir"]},
     }.get(path, {})
 
 
@@ -193,6 +198,8 @@ def files(tmp_path_factory) -> Files:
     (root / "plain.txt").write_text("a plain file\n")
     (root / "folder").mkdir()
     (root / "garbage.bin").write_bytes(b"\x00\xff[{:\n\x89PNG garbage \xfe")
+    (root / "ir").mkdir()  # the ImageReward test annotations, already there: no network needed
+    shutil.copy(SHARED / "benchmarks" / "imagereward_test" / "test.json", root / "ir" / "test.json")
     return Files(root, swatches, root / "sets.json", root / "prompts.txt", root / "run.yaml",
                  root / "run", root / "plain.txt", root / "folder", root / "garbage.bin")
 

@@ -12,6 +12,7 @@ import click
 
 from harness.cli import (  # noqa: F401 - importing a command module adds it to the group
     benchmarks,
+    data,
     finetune,
     leaderboard,
     models,
