@@ -422,6 +422,12 @@ class FineTuner(ABC):
         Default: any number of workers is fine."""
         return None
 
+    def result(self, config: FineTuneSettings) -> FineTuneResult:
+        """What a finished run left in ``config.output_dir`` (its log, checkpoints, selected
+        checkpoint): the Ray Train launcher returns it, since the workers' own return values stay
+        on the workers. Default: the output folder alone."""
+        return FineTuneResult(output_dir=str(config.output_dir))
+
 
 # -- benchmarks -------------------------------------------------------------------------------------
 #: The label families a benchmark can have.

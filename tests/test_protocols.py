@@ -295,3 +295,20 @@ def test_cross_benchmark_run_end_to_end(tmp_path, tia2_dir):
     for bench in ("tia2", "released", "ranked"):
         models = json.loads((tmp_path / "run2" / bench / "manifest.json").read_text())["models"]
         assert models[0]["computed"] == 0
+
+
+def test_a_run_over_benchmarks_without_models_keeps_those_with_numbers(tia2_dir):
+    from pathlib import Path
+
+    from harness.evaluation.multi import run_leaderboards
+
+    shared = Path(tia2_dir).parent / "benchmarks"
+    config = LeaderboardConfig.from_dict({"report": {"bootstrap": 0}})
+    multi = run_leaderboards(config, ["tifa_v1", "seetrue"], [shared])
+    assert list(multi.results) == ["tifa_v1"] and multi.manifest["data"]["skipped"] == ["seetrue"]
+    assert any("no rows for seetrue" in n for n in multi.notes)
+    cells = multi.summary.set_index("method")
+    assert cells.loc["clipscore_vitb32", "metric"] == "spearman"
+    assert cells.loc["clipscore_vitb32", "value"] == pytest.approx(0.319803, abs=5e-7)
+    with pytest.raises(HarnessError, match="seetrue release no numbers of their own"):
+        run_leaderboards(config, ["seetrue"], [shared])

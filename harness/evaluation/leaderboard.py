@@ -35,6 +35,11 @@ from harness.evaluation.metrics import METRICS, aggregate
 from harness.plugins import get_plugins
 from harness.types import BenchmarkData, Protocol
 
+
+class NothingToShow(HarnessError):
+    """A benchmark with no rows for this run: no released numbers and no models scored."""
+
+
 ROW_KEYS = ("subset", "method", "source", "n_prompts", *METRICS, *(f"{m}_ci" for m in METRICS))
 PER_PROMPT_KEYS = ("subset", "method", "source", "prompt", "n_images", "n_positive", *METRICS)
 
@@ -168,7 +173,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
     order = {name: i for i, name in enumerate(bench.subsets)}
     if by_prompt:
         if not parts:
-            raise HarnessError("nothing to put on the leaderboard: no reported rows and no human row")
+            raise NothingToShow("nothing to put on the leaderboard: no reported rows and no human row")
         per_prompt = _per_prompt_table(parts, bench.id, order)
         rows = pd.DataFrame(_rows_for(per_prompt, r.bootstrap, r.seed, r.confidence), columns=list(ROW_KEYS))
         if s.models and d.include_reported:
@@ -176,8 +181,8 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
                                                 confidence=r.confidence)
     else:
         if not item_scores:
-            raise HarnessError(f"nothing to put on the leaderboard: '{bench.id}' releases no "
-                               "per-image scores; score reward models with --model and --images")
+            raise NothingToShow(f"nothing to put on the leaderboard: '{bench.id}' releases no "
+                                "per-image scores; score reward models with --model and --images")
         from harness.evaluation.protocols import evaluate
 
         rows = evaluate(protocol, labels, _pairs_of(loaded, labels), pd.concat(item_scores, ignore_index=True),
@@ -188,6 +193,11 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
 
     title = f"{bench.id} leaderboard"
     notes.insert(0, f"protocol: {protocol.describe()}")
+    if bench.published:
+        shown = "; ".join(f"{method} " + ", ".join(f"{k} {v:g}" for k, v in values.items())
+                          for method, values in bench.published.items() if isinstance(values, dict))
+        notes.insert(1, f"published numbers (their checkpoints and preprocessing; see the "
+                        f"protocol note for sources): {shown}")
     manifest = build_manifest(
         config.asdict(),
         r.seed,

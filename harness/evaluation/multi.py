@@ -20,7 +20,7 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.evaluation.config import LeaderboardConfig
-from harness.evaluation.leaderboard import LeaderboardResult, run_leaderboard
+from harness.evaluation.leaderboard import LeaderboardResult, NothingToShow, run_leaderboard
 from harness.plugins import get_plugins
 
 SUMMARY_KEYS = ("method", "source", "benchmark", "subset", "metric", "value", "ci_low", "ci_high",
@@ -91,12 +91,17 @@ def run_leaderboards(config: LeaderboardConfig, benchmarks: Sequence[str],
                                    data=resolve_data_dir(bench, data_roots, len(benchmarks) == 1),
                                    images=images)
         configs[bench] = dataclasses.replace(config, data=data)
-    results = {}
+    results, skipped = {}, []
     for bench, cfg in configs.items():
         try:
             results[bench] = run_leaderboard(cfg, progress=progress)
+        except NothingToShow:
+            skipped.append(bench)
         except HarnessError as exc:
             raise HarnessError(f"benchmark '{bench}': {exc}") from exc
+    if not results:
+        raise HarnessError(f"nothing to put on the leaderboard: {', '.join(skipped)} release no "
+                           "numbers of their own; score reward models with --model and --images")
     summary = summarize(results)
     from harness.evaluation.manifest import build_manifest
 
@@ -106,6 +111,10 @@ def run_leaderboards(config: LeaderboardConfig, benchmarks: Sequence[str],
         "data_dirs": {b: c.data.data for b, c in configs.items()},
     })
     notes = [f"{b}: {r.protocol.describe()}" for b, r in results.items()]
+    if skipped:
+        notes.append(f"no rows for {', '.join(skipped)}: they release no numbers of their own and "
+                     "no model was scored")
+    manifest["data"]["skipped"] = skipped
     manifest["report"] = {"title": "cross-benchmark leaderboard", "notes": notes,
                           "confidence": config.report.confidence, "summary": True}
     return MultiLeaderboardResult(results, summary, manifest, config.report.confidence, notes=notes)

@@ -186,7 +186,7 @@ def train_on_ray(
         raise
     finally:
         (out / STOP_FILE).unlink(missing_ok=True)
-    return _result(out)
+    return tuner.result(config)
 
 
 def _harness_error(exc: BaseException) -> HarnessError | None:
@@ -205,20 +205,3 @@ def _harness_error(exc: BaseException) -> HarnessError | None:
         failures = getattr(err, "worker_failures", None) or {}
         todo += [wrapped, err.__cause__, *(failures[rank] for rank in sorted(failures))]
     return None
-
-
-def _result(out: Path) -> FineTuneResult:
-    """What rank 0 wrote: the log, the checkpoints and the selected checkpoint, if any."""
-    import json
-
-    import pandas as pd
-
-    log = out / "train_log.csv"
-    folder = out / "checkpoints"
-    selected = out / "selected_checkpoint.json"
-    return FineTuneResult(
-        output_dir=str(out),
-        checkpoints=[str(p) for p in sorted(folder.glob("epoch-*"))] if folder.is_dir() else [],
-        log=pd.read_csv(log).to_dict(orient="records") if log.is_file() else [],
-        selected=json.loads(selected.read_text()) if selected.is_file() else None,
-    )

@@ -449,12 +449,7 @@ class RewardTrainer:
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         """The complete checkpoints in ``output_dir/checkpoints``, oldest first."""
-        folder = self.out / "checkpoints"
-        if not folder.is_dir():
-            return []
-        found = [p for p in folder.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
-        return sorted((p for p in found if checkpoint_problem(p) is None),
-                      key=lambda p: int(p.name.split("-")[1]))
+        return complete_checkpoints(self.out)
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -633,6 +628,16 @@ class RewardTrainer:
             self.monitor.load(upto_epoch=self.epoch_done)
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints in ``output_dir/checkpoints``, oldest first."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted((p for p in found if checkpoint_problem(p) is None),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
 class TrainerFineTuner(FineTuner):
     """A FineTuner plugin backed by a :class:`RewardTrainer` subclass and its config class."""
 
@@ -655,3 +660,20 @@ class TrainerFineTuner(FineTuner):
         out = trainer.train()
         return FineTuneResult(output_dir=str(trainer.out), checkpoints=out["checkpoints"],
                               log=out["log"], selected=out.get("selected"))
+
+    def result(self, config: FineTuneSettings) -> FineTuneResult:
+        """What rank 0 wrote: ``train_log.csv``, the complete ``checkpoints/epoch-*`` folders and
+        ``selected_checkpoint.json``, if any."""
+        import json
+
+        import pandas as pd
+
+        out = Path(config.output_dir).expanduser()
+        log = out / "train_log.csv"
+        selected = out / "selected_checkpoint.json"
+        return FineTuneResult(
+            output_dir=str(out),
+            checkpoints=[str(p) for p in complete_checkpoints(out)],
+            log=pd.read_csv(log).to_dict(orient="records") if log.is_file() else [],
+            selected=json.loads(selected.read_text()) if selected.is_file() else None,
+        )
