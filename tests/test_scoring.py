@@ -604,11 +604,21 @@ def test_check_benchmark_on_tia2_and_a_broken_one(tia2_dir):
     data = check_benchmark(TIA2(tia2_dir), ["counting"])
     assert set(data.images["subset"].astype(str)) == {"counting"}
 
-    class FloatLabels(TIA2):
+    class TextLabels(TIA2):
+        def load(self, subsets=None):
+            loaded = super().load(subsets)
+            images = loaded.images.assign(binary=loaded.images["binary"].astype(str))
+            return dataclasses.replace(loaded, images=images)
+
+    with pytest.raises(AssertionError, match="expected int8"):
+        check_benchmark(TextLabels(tia2_dir), ["counting"])
+
+    class MissingBinary(TIA2):  # its protocol's AUROC needs a binary label on every image
         def load(self, subsets=None):
             loaded = super().load(subsets)
             images = loaded.images.assign(binary=loaded.images["binary"].astype("float64"))
+            images.loc[images.index[0], "binary"] = float("nan")
             return dataclasses.replace(loaded, images=images)
 
-    with pytest.raises(AssertionError, match="binary is float64, expected int8"):
-        check_benchmark(FloatLabels(tia2_dir), ["counting"])
+    with pytest.raises(AssertionError, match="need a binary label on every image"):
+        check_benchmark(MissingBinary(tia2_dir), ["counting"])

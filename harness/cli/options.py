@@ -294,7 +294,7 @@ def print_comparisons(comparisons: Any) -> None:
 def print_failures(failed: dict[str, str]) -> None:
     if not failed:
         return
-    click.echo(f"{len(failed)} images could not be read and were not scored:", err=True)
+    click.echo(f"{len(failed)} images could not be read or scored:", err=True)
     for path, reason in list(failed.items())[:20]:
         click.echo(f"  {path}: {reason}", err=True)
     if len(failed) > 20:
