@@ -8,7 +8,14 @@
 
 Models are CLIP-architecture checkpoints with random weights built here (no download):
 ``--arch small`` (default, CPU friendly) or ``--arch vit-l-14`` (the real openai/clip-vit-large-patch14
-shapes; use with --device cuda --dtype float16). The tokenizer is the real CLIP BPE vocabulary.
+shapes; use with --device cuda --dtype float16). ``--arch hpsv2`` scores with the ``hpsv2`` plugin
+a random checkpoint in the original HPSv2 file layout with the real open_clip ViT-H/14 shapes
+(986M parameters; a 2 GB file is written; for a GPU), ``--arch hpsv2-small`` the same layout with
+two narrow layers per tower at 224 pixels (CPU friendly). The tokenizer is the real CLIP BPE
+vocabulary.
+
+``--arch vlm_judge`` measures the judge's client instead, against a local stand-in server that
+answers after ``--judge-latency`` seconds (``--concurrency`` requests at once).
 
     python benchmarks/scoring.py [--images 64] [--arch small] [--device cpu] [--workers 2]
 """
@@ -39,7 +46,24 @@ ARCHS = {
                 "num_hidden_layers": 24, "num_attention_heads": 16},
         projection_dim=768,
     ),
+    # HPSv2 (plugin hpsv2): open_clip state dicts, sizes as tiny_models.hpsv2_state_dict takes
+    "hpsv2": dict(plugin="hpsv2", sizes={"vision_width": 1280, "vision_layers": 32, "text_width": 1024,
+                                         "text_layers": 24, "embed_dim": 1024, "image_size": 224}),
+    "hpsv2-small": dict(plugin="hpsv2", sizes={"image_size": 224}),
+    # vlm_judge: no weights here; a local OpenAI-compatible server stands in (judge_benchmark)
+    "vlm_judge": dict(plugin="vlm_judge"),
 }
+
+
+def build_hpsv2(path: Path, sizes: dict) -> Path:
+    """A random HPSv2 checkpoint in the original layout (HPS_v2.1_compressed.pt) + tokenizer."""
+    import torch
+    from tiny_models import clip_tokenizer, hpsv2_state_dict
+
+    path.mkdir(parents=True)
+    torch.save({"state_dict": hpsv2_state_dict(seed=0, **sizes)}, path / "HPS_v2.1_compressed.pt")
+    clip_tokenizer().save_pretrained(path)
+    return path
 
 
 def build_checkpoint(path: Path, arch: str) -> Path:
@@ -48,6 +72,8 @@ def build_checkpoint(path: Path, arch: str) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     spec = ARCHS[arch]
+    if spec.get("plugin") == "hpsv2":
+        return build_hpsv2(path, spec["sizes"])
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config={"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
@@ -120,6 +146,66 @@ def bare_batched(model, paths, prompts, batch_size):
     return out
 
 
+def _stand_in_server(latency: float, urls: object, stop: object) -> None:
+    """A child process serving fixed log-probabilities after ``latency`` seconds, so the server's
+    JSON decoding does not share the client's interpreter lock."""
+    import json
+
+    from llm_server import ChatServer, Reply, logprob_completion
+
+    server = ChatServer()
+    answer = json.dumps(logprob_completion([("Yes", -0.2), ("No", -1.7), (" yes", -4.0)]))
+    server.respond = lambda body: Reply(200, answer)
+    server.delay = latency
+    urls.put(server.url)
+    stop.wait()
+    server.close()
+
+
+def judge_benchmark(args: argparse.Namespace) -> None:
+    """``--arch vlm_judge``: the engine and the judge's client (PNG encoding, a thread pool of
+    ``--concurrency`` requests, JSON parsing) against a local OpenAI-compatible server (another
+    process) that answers every request with fixed log-probabilities after ``--judge-latency``
+    seconds: a stand-in for a VLM server, which bounds throughput at concurrency / latency pairs
+    per second. Each request carries its image (a 512 x 512 noise PNG is about 1 MB in base64).
+    """
+    import multiprocessing
+    import os
+
+    from harness.scoring import LocalExecutor, load_reward_model, parse_model_spec, score_images
+
+    os.environ.setdefault("OPENAI_API_KEY", "benchmark")
+    context = multiprocessing.get_context("fork")
+    urls, stop = context.Queue(), context.Event()
+    child = context.Process(target=_stand_in_server, args=(args.judge_latency, urls, stop))
+    child.start()
+    try:
+        url = urls.get(timeout=60)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths, prompts = workload(Path(tmp) / "images", args.images)
+            spec = parse_model_spec(f"vlm_judge:base_url={url},model=bench,cache=false,"
+                                    f"concurrency={args.concurrency}")
+            model = load_reward_model(spec, device="cpu")
+            score_images(model, paths[:2], prompts[:2], batch_size=2)  # warm-up: connections
+            runs = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                run = score_images(model, paths, prompts, spec=spec, batch_size=args.batch_size,
+                                   executor=LocalExecutor(num_workers=args.workers))
+                runs.append(time.perf_counter() - t0)
+                assert not run.failed and all(abs(s[0] - 0.820851069) < 1e-6 for s in run.scores)
+    finally:
+        stop.set()
+        child.join(timeout=30)
+    best, pairs = min(runs), sum(len(p) for p in prompts)
+    bound = args.concurrency / args.judge_latency if args.judge_latency else float("inf")
+    print(f"workload: {len(paths)} images (512 x 512 PNG) x {len(prompts[0])} prompts, "
+          f"arch=vlm_judge, server latency {args.judge_latency:g} s, concurrency "
+          f"{args.concurrency}, batch={args.batch_size}, workers={args.workers}")
+    print(f"best of {args.repeat} runs: {best:8.3f} s  {len(paths) / best:8.1f} images/s  "
+          f"{pairs / best:8.1f} pairs/s  (server bound: {bound:.0f} pairs/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)
@@ -131,7 +217,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--naive-images", type=int, default=16,
                         help="images for the naive loop (its time per image is extrapolated)")
+    parser.add_argument("--concurrency", type=int, default=16, help="vlm_judge: requests at once")
+    parser.add_argument("--judge-latency", type=float, default=0.05,
+                        help="vlm_judge: seconds the stand-in server takes per request")
     args = parser.parse_args()
+    if args.arch == "vlm_judge":
+        return judge_benchmark(args)
 
     import torch
 
@@ -142,7 +233,7 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = build_checkpoint(tmp / "ckpt", args.arch)
         paths, prompts = workload(tmp / "images", args.images)
-        spec = parse_model_spec(f"clip:checkpoint={ckpt}")
+        spec = parse_model_spec(f"{ARCHS[args.arch].get('plugin', 'clip')}:checkpoint={ckpt}")
         model = load_reward_model(spec, device=args.device, dtype=args.dtype)
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 

@@ -27,6 +27,7 @@ from harness.types import (  # noqa: E402
     FineTuneResult,
     FineTuneSettings,
     Hyperparameter,
+    ImageFailure,
     ModelCard,
     Normalizer,
     PairRewardModel,
@@ -49,8 +50,8 @@ _LAZY = {
 
 __all__ = [
     "Benchmark", "BenchmarkData", "FineTuneResult", "FineTuneSettings", "FineTuner", "HarnessError",
-    "Hyperparameter", "ModelCard", "Normalizer", "PairRewardModel", "PromptSetGenerator", "Protocol",
-    "RewardModel",
+    "Hyperparameter", "ImageFailure", "ModelCard", "Normalizer", "PairRewardModel",
+    "PromptSetGenerator", "Protocol", "RewardModel",
     "__version__", "hookimpl", *_LAZY,
 ]
 

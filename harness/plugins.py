@@ -54,6 +54,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "harness_plugins.pickscore",
     "harness_plugins.blip2",
     "harness_plugins.imagereward",
+    "harness_plugins.hpsv2",
+    "harness_plugins.vlm_judge",
     "harness_plugins.textnorm",
     "harness_plugins.rules",
     "harness_plugins.llm",

@@ -32,6 +32,7 @@ from harness.types import (
     Benchmark,
     BenchmarkData,
     Hyperparameter,
+    ImageFailure,
     Normalizer,
     PromptSetGenerator,
     RewardModel,
@@ -45,6 +46,7 @@ __all__ = ["check_benchmark", "check_normalizer", "check_prompt_generator", "che
 def _as_arrays(scores: Sequence[Any]) -> list[np.ndarray]:
     out = []
     for s in scores:
+        assert not isinstance(s, ImageFailure), f"score could not score an image: {s.reason}"
         if hasattr(s, "detach"):
             s = s.detach().cpu().numpy()
         out.append(np.asarray(s))

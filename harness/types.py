@@ -65,6 +65,18 @@ class ModelCard:
     variants: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImageFailure:
+    """What :meth:`RewardModel.score` returns in place of an image's scores when that image could
+    not be scored (a remote judge gave no usable answer), never a made-up number.
+
+    The core records the image in ``ScoreRun.failed`` with :attr:`reason`, caches nothing for it
+    (a later run tries it again) and scores the others; a fine-tuning reward stops, naming it.
+    """
+
+    reason: str
+
+
 class RewardModel(ABC):
     """Scores image-prompt pairs. Higher means better aligned.
 
@@ -132,7 +144,8 @@ class RewardModel(ABC):
 
     @abstractmethod
     def score(self, features: Any, prompts: Sequence[Sequence[str]]) -> list[Any]:
-        """Features of ``B`` images and ``B`` prompt lists -> ``B`` float arrays of scores."""
+        """Features of ``B`` images and ``B`` prompt lists -> ``B`` float arrays of scores (an
+        :class:`ImageFailure` in place of the array of an image that could not be scored)."""
 
     def files(self) -> list[Path]:
         """Every local file the model loaded (weights, configs, tokenizer, processor).

@@ -26,8 +26,6 @@ generated survive a later failure.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import hashlib
 import json
 import logging
@@ -42,6 +40,8 @@ from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
 from harness.scoring.cache import SQLiteCache
 from harness.types import PromptSetGenerator
+from harness_plugins import openai_http
+from harness_plugins.openai_http import BadReply, chat_content
 
 log = logging.getLogger("harness.llm")
 # Indirections so tests can fake waiting and the clock without touching the time module.
@@ -121,52 +121,10 @@ def clean(prompt: str, candidates: Sequence[str], n: int) -> list[str]:
     return out[:n]
 
 
-class BadReply(Exception):
-    """A 200 answer that is not an OpenAI-format chat completion; the message says why."""
-
-
-def chat_content(body: str) -> str:
-    """``choices[0].message.content`` of a chat-completions answer body, or :class:`BadReply`."""
-    snippet = repr(" ".join(body.split())[:80])
-    if not body.strip():
-        raise BadReply("an empty body, not OpenAI-format JSON")
-    if body.lstrip().startswith("<"):
-        raise BadReply(f"an HTML page, not OpenAI-format JSON: {snippet}")
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise BadReply(f"invalid JSON ({exc}): {snippet}") from None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list) or not choices:
-        raise BadReply(f"JSON without choices: {snippet}")
-    message = choices[0].get("message") if isinstance(choices[0], dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, str):
-        raise BadReply(f"JSON without a text choices[0].message.content: {snippet}")
-    return content
-
-
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds a server asks to wait (``retry-after-ms``, or ``Retry-After`` in seconds or as an
-    HTTP date; a date in the past is 0), or None when it asks nothing readable."""
-    try:
-        return max(float(headers["retry-after-ms"]) / 1000, 0.0)
-    except (KeyError, TypeError, ValueError):
-        pass
-    value = (headers.get("retry-after") or "").strip()
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # "-0000": UTC, as RFC 5322 means it
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(when.timestamp() - _now(), 0.0)
+    """Seconds a server asks to wait (:func:`harness_plugins.openai_http.retry_after`, an HTTP
+    date counted from ``_now()``), or None when it asks nothing readable."""
+    return openai_http.retry_after(headers, _now())
 
 
 class PromptCache(SQLiteCache):
@@ -211,15 +169,11 @@ class LLMPrompts(PromptSetGenerator):
         cache: str | Path | None | bool = True,
         max_wait: float = 60.0,
     ):
-        for name, value, low, whole in (
+        openai_http.check_settings("llm", (
             ("n", n, 1, True), ("max_retries", max_retries, 0, True),
             ("timeout", timeout, 1e-3, False), ("backoff", backoff, 0, False),
             ("max_wait", max_wait, 0, False),
-        ):
-            kinds = int if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not value >= low:
-                want = "a whole number" if whole else "a number of seconds"
-                raise HarnessError(f"llm option {name} must be {want} >= {low:g}, got {value!r}")
+        ))
         self.model = model
         url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.base_url = url.rstrip("/")  # one server, one cache key, with or without the slash
@@ -248,10 +202,7 @@ class LLMPrompts(PromptSetGenerator):
 
     def client(self) -> Any:
         if self._client is None:
-            import openai
-
-            self._client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key,
-                                         timeout=self.timeout, max_retries=0)
+            self._client = openai_http.make_client(self.base_url, self.api_key, self.timeout)
         return self._client
 
     def _ask(self, prompt: str) -> str:
@@ -305,9 +256,7 @@ class LLMPrompts(PromptSetGenerator):
                 self._warn(last_problem, attempt)
                 continue
             except openai.APIConnectionError as exc:
-                cause = exc.__cause__  # what httpx saw: refused, reset, a body cut off, ...
-                why = f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause else exc.message
-                last_problem = f"the server is unreachable or broke the connection ({why})"
+                last_problem = openai_http.connection_problem(exc)
                 self._warn(last_problem, attempt)
                 continue
             except openai.APIStatusError as exc:

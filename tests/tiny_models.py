@@ -292,3 +292,76 @@ def make_tiny_sd(path: Path, seed: int = 0, prediction_type: str = "epsilon",
                                    requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
+
+
+#: A ViT-H/14-shaped HPSv2 network, small: ViT-H's patch size and head widths (80 image, 64
+#: text), two layers per tower, a 56-pixel image (4 x 4 patches), the real 49,408-token vocabulary
+#: and 77-token context.
+TINY_HPSV2 = {"embed_dim": 64, "image_size": 56, "patch_size": 14, "vision_width": 160,
+              "vision_layers": 2, "text_width": 128, "text_layers": 2, "context_length": 77,
+              "vocab_size": 49408}
+
+
+def hpsv2_state_dict(seed: int = 0, dtype=None, **sizes) -> dict:
+    """Random weights in the layout of open_clip's ``CLIP`` (the keys and shapes HPSv2's
+    ``HPS_v2*_compressed.pt`` hold under ``state_dict``), float16 by default as those files are.
+
+    Every tensor is drawn at a scale that keeps a two-layer network's features varied (LayerNorm
+    weights around 1), so a mapping that swaps two tensors changes the scores. ``sizes`` override
+    :data:`TINY_HPSV2`."""
+    import torch
+
+    dims = {**TINY_HPSV2, **sizes}
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.2, mean=0.0):
+        return torch.randn(*shape, generator=g) * std + mean
+
+    def blocks(prefix: str, width: int, layers: int) -> dict:
+        out = {}
+        for i in range(layers):
+            b = f"{prefix}transformer.resblocks.{i}."
+            out[b + "ln_1.weight"], out[b + "ln_1.bias"] = rnd(width, mean=1.0), rnd(width)
+            out[b + "attn.in_proj_weight"] = rnd(3 * width, width, std=width**-0.5)
+            out[b + "attn.in_proj_bias"] = rnd(3 * width)
+            out[b + "attn.out_proj.weight"] = rnd(width, width, std=width**-0.5)
+            out[b + "attn.out_proj.bias"] = rnd(width)
+            out[b + "ln_2.weight"], out[b + "ln_2.bias"] = rnd(width, mean=1.0), rnd(width)
+            out[b + "mlp.c_fc.weight"] = rnd(4 * width, width, std=width**-0.5)
+            out[b + "mlp.c_fc.bias"] = rnd(4 * width)
+            out[b + "mlp.c_proj.weight"] = rnd(width, 4 * width, std=(4 * width) ** -0.5)
+            out[b + "mlp.c_proj.bias"] = rnd(width)
+        return out
+
+    w, t, e, p = dims["vision_width"], dims["text_width"], dims["embed_dim"], dims["patch_size"]
+    grid = dims["image_size"] // p
+    sd = {
+        "visual.class_embedding": rnd(w, std=w**-0.5),
+        "visual.positional_embedding": rnd(grid * grid + 1, w, std=w**-0.5),
+        "visual.proj": rnd(w, e, std=w**-0.5),
+        "visual.conv1.weight": rnd(w, 3, p, p, std=(3 * p * p) ** -0.5),
+        "visual.ln_pre.weight": rnd(w, mean=1.0), "visual.ln_pre.bias": rnd(w),
+        **blocks("visual.", w, dims["vision_layers"]),
+        "visual.ln_post.weight": rnd(w, mean=1.0), "visual.ln_post.bias": rnd(w),
+        "token_embedding.weight": rnd(dims["vocab_size"], t, std=1.0),
+        "positional_embedding": rnd(dims["context_length"], t, std=0.5),
+        **blocks("", t, dims["text_layers"]),
+        "ln_final.weight": rnd(t, mean=1.0), "ln_final.bias": rnd(t),
+        "text_projection": rnd(t, e, std=t**-0.5),
+        "logit_scale": torch.tensor(4.6052),
+    }
+    dtype = torch.float16 if dtype is None else dtype
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def make_tiny_hpsv2(path: Path, version: str = "v2.1", seed: int = 0) -> Path:
+    """A folder like a download of xswu/HPSv2: ``HPS_v2.1_compressed.pt`` (v2.0:
+    ``HPS_v2_compressed.pt``) holding ``{"state_dict": hpsv2_state_dict(seed)}``, plus the real
+    CLIP tokenizer."""
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    name = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}[version]
+    torch.save({"state_dict": hpsv2_state_dict(seed)}, path / name)
+    clip_tokenizer().save_pretrained(path)
+    return path

@@ -180,6 +180,7 @@ class RewardFunction:
         import torch
 
         from harness.scoring.batches import collate, run_with_backoff
+        from harness.types import ImageFailure
 
         if self.uses_contrastive:
             self._add_sets(prompts)
@@ -192,6 +193,9 @@ class RewardFunction:
             with torch.no_grad():
                 out[label] = run_with_backoff(model, batch, columns)
             for i, (scores, cols) in enumerate(zip(out[label], columns, strict=True)):
+                if isinstance(scores, ImageFailure):  # no number to train on: never a made-up one
+                    raise HarnessError(f"reward model '{label}' could not score image {i} of the "
+                                       f"batch against {cols[0]!r}: {scores.reason}")
                 bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=np.float64)))
                 if bad.size:
                     j = int(bad[0])

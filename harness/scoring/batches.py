@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from harness.images import open_image
-from harness.types import RewardModel
+from harness.types import ImageFailure, RewardModel
 
 __all__ = ["ImageDataset", "collate", "collate_items", "decode_and_preprocess", "open_image",
            "run_with_backoff"]
@@ -91,14 +91,18 @@ def _to_numpy(x: Any) -> Any:
     return x
 
 
-def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]]) -> list[np.ndarray]:
+def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]]
+                     ) -> list[np.ndarray | ImageFailure]:
     features = model.embed_images(batch)
-    return [np.asarray(_to_numpy(s), dtype=np.float64).reshape(-1)
+    return [s if isinstance(s, ImageFailure) else np.asarray(_to_numpy(s), dtype=np.float64).reshape(-1)
             for s in model.score(features, prompts)]
 
 
-def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]) -> list[np.ndarray]:
+def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]
+                     ) -> list[np.ndarray | ImageFailure]:
     """Score a batch; on out-of-memory, split it in halves and retry (down to one image).
+
+    An image the model could not score comes back as its :class:`~harness.types.ImageFailure`.
 
     The retry happens after the ``except`` block: inside it, the traceback would keep the failed
     forward pass's tensors alive and the smaller batches would run out of memory too.

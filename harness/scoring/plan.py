@@ -37,6 +37,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.images import DECODER_VERSION
+from harness.types import ImageFailure
 
 if TYPE_CHECKING:
     from harness.scoring.cache import ScoreCache
@@ -286,9 +287,10 @@ class ScorePlan:
             else:
                 self.todo.append(i)
 
-    def accept(self, ids: Sequence[int], results: Sequence[np.ndarray],
+    def accept(self, ids: Sequence[int], results: Sequence[np.ndarray | ImageFailure],
                bad: Sequence[tuple[int, str]] = ()) -> None:
-        """Record scores of images ``ids`` (indices into the run) and failures ``(index, why)``."""
+        """Record scores of images ``ids`` (indices into the run) and failures ``(index, why)``
+        (an :class:`~harness.types.ImageFailure` in ``results`` is one too)."""
         for i, err in bad:
             if i not in self._accepted:  # a retried task may deliver an image twice
                 self.run.failed[self.paths[i]] = err
@@ -296,6 +298,9 @@ class ScorePlan:
         for i, values in zip(ids, results, strict=True):
             if i in self._accepted:
                 continue  # a retried batch delivered twice: keep the first
+            if isinstance(values, ImageFailure):  # the model could not score it: no number
+                self.run.failed[self.paths[i]] = values.reason
+                continue
             values = np.asarray(values, dtype=np.float64).reshape(-1)
             if values.shape != (len(self.prompts[i]),):
                 raise HarnessError(

@@ -133,9 +133,13 @@ class _ModelActor:
             pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][k]) for k in good]))
             prompts = [json.loads(batch["prompts"][k]) for k in good]
             from harness.scoring.batches import run_with_backoff
+            from harness.types import ImageFailure
 
             # Out-of-memory on the actor's GPU halves the batch, as in the local executor.
             for k, values in zip(good, run_with_backoff(self.model, pixels, prompts), strict=True):
+                if isinstance(values, ImageFailure):  # the model could not score this image
+                    errors[k] = values.reason
+                    continue
                 if hasattr(values, "detach"):
                     values = values.detach().float().cpu().numpy()
                 scores[k] = json.dumps(np.asarray(values, dtype=np.float64).tolist())
