@@ -42,7 +42,7 @@ def test_ece_brier_and_reliability_against_references():
     assert brier(p, y) == pytest.approx(brier_score_loss(y, p), abs=1e-12)
     points = reliability(p, y, 10)
     assert [n for *_, n in points] == [21, 21, 21, 20, 20, 20, 20, 20, 20, 20]
-    assert all(a <= b for (a, *_), (b, *_) in zip(points, points[1:]))  # ordered by confidence
+    assert all(a[0] <= b[0] for a, b in zip(points[:-1], points[1:], strict=True))  # by confidence
     # Equal probabilities share a bin: a constant 0.5 on 30% positives has ECE exactly 0.2.
     assert ece(np.full(100, 0.5), np.r_[np.ones(30), np.zeros(70)], 10) == pytest.approx(0.2)
 
