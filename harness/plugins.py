@@ -56,6 +56,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "harness_plugins.imagereward",
     "harness_plugins.hpsv2",
     "harness_plugins.vlm_judge",
+    "harness_plugins.vqascore",
+    "harness_plugins.hpsv3",
     "harness_plugins.textnorm",
     "harness_plugins.rules",
     "harness_plugins.llm",

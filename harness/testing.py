@@ -135,7 +135,9 @@ def check_reward_model(
     """Check the contract on PIL ``images`` with ``prompts[i]`` for image ``i``.
 
     - the class takes the default constructor ``(checkpoint=None, device="cpu", dtype="float32")``;
-    - ``score`` returns one float32 array per image, of length ``len(prompts[i])``, all finite;
+    - ``score`` returns one float32 array per image, of length ``len(prompts[i])``, all finite
+      (``[len(prompts[i]), 2]`` for a model that ``reports_uncertainty``: score and standard
+      deviation, the deviation ``>= 0``; every check below covers both columns);
     - deterministic: the same inputs give the same scores;
     - batch-size invariant: scoring in batches of each of ``batch_sizes`` agrees within ``atol``;
     - cached features: scoring an image's prompts together equals scoring each one alone;
@@ -157,6 +159,11 @@ def check_reward_model(
             f"{cls.__qualname__} does not accept the default constructor "
             f"(checkpoint=None, device='cpu', dtype='float32'): {exc}"
         ) from None
+    uncertain = bool(getattr(cls, "reports_uncertainty", False))
+
+    def expected(n: int) -> tuple[int, ...]:
+        return (n, 2) if uncertain else (n,)
+
     inputs = [model.preprocess(im) for im in images]
 
     def run(batch_size: int, inputs: list[Any] = inputs) -> list[np.ndarray]:
@@ -169,9 +176,14 @@ def check_reward_model(
     first = run(batch_sizes[0])
     assert len(first) == len(images), f"score returned {len(first)} arrays for {len(images)} images"
     for i, (s, ps) in enumerate(zip(first, prompts, strict=True)):
-        assert s.shape == (len(ps),), f"image {i}: scores of shape {s.shape}, expected ({len(ps)},)"
+        assert s.shape == expected(len(ps)), (
+            f"image {i}: scores of shape {s.shape}, expected {expected(len(ps))}"
+            + (" (reports_uncertainty: score and standard deviation per prompt)" if uncertain else "")
+        )
         assert s.dtype == np.float32, f"image {i}: scores of dtype {s.dtype}, expected float32"
         assert np.isfinite(s).all(), f"image {i}: non-finite scores {s}"
+        if uncertain:
+            assert (s[:, 1] >= 0).all(), f"image {i}: negative standard deviations {s[:, 1]}"
     again = run(batch_sizes[0])
     for i, (a, b) in enumerate(zip(first, again, strict=True)):
         assert np.array_equal(a, b), f"image {i}: not deterministic ({a} vs {b})"
@@ -205,7 +217,7 @@ def check_reward_model(
             f"mode {mode} image preprocessed to shape {np.shape(_as_array(x))}, RGB to {shape}"
         )
         s = _as_arrays(model.score(model.embed_images(collate([x])), [list(prompts[0])]))[0]
-        assert np.isfinite(s).all() and s.shape == (len(prompts[0]),), (
+        assert np.isfinite(s).all() and s.shape == expected(len(prompts[0])), (
             f"mode {mode} image: scores {s}"
         )
     for path in model.files():
@@ -258,7 +270,9 @@ def check_normalizer(
     - output: float ``[N]``, finite, for ``N`` from ``max(min_images, 1)`` up;
     - permuting a prompt's images permutes the output (images are treated alike);
     - per-prompt independence: ``batched`` (when it is provided) over prompts of different
-      image and contrastive counts, padded, equals ``__call__`` prompt by prompt.
+      image and contrastive counts, padded, equals ``__call__`` prompt by prompt;
+    - with ``uses_uncertainty``: the same with random standard deviations passed as
+      ``uncertainty=`` (one model's all NaN: a model that reports none), and without them.
     """
     assert isinstance(cls, type) and issubclass(cls, Normalizer), f"{cls!r} is not a Normalizer class"
     _check_hyperparameters(cls)
@@ -307,17 +321,37 @@ def check_normalizer(
     args: tuple[Any, ...] = (stacked, column_mask)
     if len(params) >= 3:
         args = (*args, image_mask)
-    fast = norm.batched(*args)
+    _check_batched(norm, args, {}, one_by_one, sizes, atol)
+    if not cls.uses_uncertainty:
+        return
+    # The models' own standard deviations: random for all but the last model, which reports none.
+    spreads = [{m: (np.full((n, k), np.nan) if j == len(models) - 1 and len(models) > 1
+                    else rng.uniform(0.0, 0.2, size=(n, k))) for j, m in enumerate(models)}
+               for n, k in sizes]
+    with_std = [_check_output(norm(p, uncertainty=u), n, f"{cls.id} with uncertainty")
+                for p, u, (n, _) in zip(prompts, spreads, sizes, strict=True)]
+    stacked_std = {m: np.full((len(prompts), big_n, big_k), 0.1) for m in models}
+    for p, (u, (n, k)) in enumerate(zip(spreads, sizes, strict=True)):
+        for m in models:
+            stacked_std[m][p, :n, :k] = u[m]
+    _check_batched(norm, args, {"uncertainty": stacked_std}, with_std, sizes, atol)
+
+
+def _check_batched(norm: Normalizer, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   one_by_one: list[np.ndarray], sizes: list[tuple[int, int]], atol: float) -> None:
+    fast = norm.batched(*args, **kwargs)
     if fast is None:
         return
     fast = np.asarray(fast)
-    assert fast.shape == (len(prompts), big_n), (
-        f"{cls.id}.batched: output of shape {fast.shape}, expected {(len(prompts), big_n)}"
+    expected = (len(sizes), args[0][next(iter(args[0]))].shape[1])
+    assert fast.shape == expected, (
+        f"{norm.id}.batched: output of shape {fast.shape}, expected {expected}"
     )
     for p, (n, _) in enumerate(sizes):
         np.testing.assert_allclose(
             fast[p, :n], one_by_one[p], atol=atol, rtol=0,
-            err_msg=f"{cls.id}: batched differs from __call__ on prompt {p} (padded)",
+            err_msg=f"{norm.id}: batched differs from __call__ on prompt {p} (padded)"
+                    + (" with uncertainty" if kwargs else ""),
         )
 
 

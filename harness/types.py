@@ -102,6 +102,14 @@ class RewardModel(ABC):
     Models that score an (image, prompt) pair in one forward pass can subclass
     :class:`PairRewardModel` and implement one method instead.
 
+    Uncertainty: a model that predicts a standard deviation beside each score (HPSv3's reward
+    head gives a mean and a sigma) sets :attr:`reports_uncertainty` and returns from
+    :meth:`score`, for each image, a float array of shape ``[P, 2]`` instead of ``[P]``: column 0
+    the score (the predicted mean), column 1 its standard deviation (finite, ``>= 0``, in the
+    score's units). The core caches both, adds an ``uncertainty`` column to the leaderboard's
+    scores and an ``uncertainty_mean`` to the model's rows, hands it to normalizers that declare
+    :attr:`Normalizer.uses_uncertainty`, and uses column 0 as a fine-tuning reward.
+
     The score cache key is the core's (see :mod:`harness.scoring.plan`): the spec's resolved
     options (less :attr:`runtime_options`), the plugin's distribution and version, the source of
     the modules defining the class, the content hash of every file in :meth:`files`, and
@@ -120,6 +128,8 @@ class RewardModel(ABC):
     ray_runtime_env: ClassVar[dict[str, Any] | None] = None
     #: The default weights' model card (None: none published).
     card: ClassVar[ModelCard | None] = None
+    #: :meth:`score` returns ``[P, 2]`` per image (score, its standard deviation >= 0).
+    reports_uncertainty: ClassVar[bool] = False
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32"):
         self.checkpoint = checkpoint or self.default_checkpoint
@@ -145,7 +155,8 @@ class RewardModel(ABC):
     @abstractmethod
     def score(self, features: Any, prompts: Sequence[Sequence[str]]) -> list[Any]:
         """Features of ``B`` images and ``B`` prompt lists -> ``B`` float arrays of scores (an
-        :class:`ImageFailure` in place of the array of an image that could not be scored)."""
+        :class:`ImageFailure` in place of the array of an image that could not be scored):
+        ``[P]`` each, or ``[P, 2]`` (score, standard deviation) when :attr:`reports_uncertainty`."""
 
     def files(self) -> list[Path]:
         """Every local file the model loaded (weights, configs, tokenizer, processor).
@@ -275,11 +286,17 @@ class Normalizer(ABC):
     - :attr:`min_images`: images of one prompt it needs to mean anything (a per-prompt z-score
       needs 2); fine-tuning refuses normalizers with ``min_images > 1``.
     - :meth:`batched`: a vectorised fast path over many prompts at once.
+    - :attr:`uses_uncertainty`: the core also passes the standard deviations reward models
+      predict for their scores (:attr:`RewardModel.reports_uncertainty`), as the keyword
+      ``uncertainty={model: float [N, 1 + C]}`` to :meth:`__call__` (``[P, N, K]`` to
+      :meth:`batched`), aligned with the scores; NaN for a model that reports none.
     """
 
     id: ClassVar[str]
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     needs_contrastive: ClassVar[bool] = False
+    #: Take ``uncertainty=`` (the models' own standard deviations) beside the scores.
+    uses_uncertainty: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     min_images: ClassVar[int] = 1
@@ -323,7 +340,8 @@ class Normalizer(ABC):
         ``[P, K]``) marks the columns each prompt really has (column 0 always) and ``image_mask``
         (bool ``[P, N]``) its real images; padding holds finite filler and its outputs are
         ignored. Must equal :meth:`__call__` prompt by prompt. Return None (the default) to let
-        the core call :meth:`__call__` prompt by prompt.
+        the core call :meth:`__call__` prompt by prompt. With :attr:`uses_uncertainty` the core
+        adds the keyword ``uncertainty={model: [P, N, K]}``.
         """
         return None
 

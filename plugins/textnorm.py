@@ -10,6 +10,11 @@ and columns ``1..C`` its contrastive prompts. Output: float64 ``[N]``.
 - ``mean``: ``mean_m textnorm_m(x, y)`` over models.
 - ``ur`` (uncertainty-regularised): ``mean_m textnorm_m - lam * std_m textnorm_m`` (population
   standard deviation across models).
+- ``ur_self`` (UR with each model's own uncertainty): for reward models that predict a standard
+  deviation beside each score (HPSv3), ``mean_m c_m - lam * mean_m u_m`` where ``c_m`` is model
+  ``m``'s TextNorm confidence and ``u_m`` the standard deviation of ``c_m`` that the model's own
+  score deviations imply (:func:`confidence_std`, the delta method). One model is enough; a model
+  that reports no uncertainty contributes ``u_m = 0`` (the leaderboard notes it).
 - ``identity``: the raw score of the image's own prompt (one model).
 - ``zscore``: each model's own-prompt scores standardised over the prompt's images, averaged over
   models (an ensemble baseline without contrastive prompts).
@@ -156,6 +161,88 @@ class UREnsemble(_Calibrated):
         return confidences.mean(axis=0) - self.value("lam") * confidences.std(axis=0)
 
 
+def confidence_std(raw: np.ndarray, sigma: np.ndarray, column_mask: np.ndarray,
+                   scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """TextNorm confidence and its standard deviation implied by the scores' own deviations.
+
+    ``raw``, ``sigma``: ``[P, N, K]`` scores and the standard deviations the reward model predicts
+    for them (NaN read as 0); ``column_mask`` ``[P, K]``. Returns ``(c, u)``, each ``[P, N]``:
+    ``c`` = :func:`textnorm_confidence`, and by the delta method (first order in the
+    deviations) through the softmax's Jacobian, ``dc/dr_0 = s c (1 - c)`` and
+    ``dc/dr_k = -s c p_k`` (``p_k``: the softmax weight of contrastive column ``k``)::
+
+        u = s c sqrt((1 - c)^2 sigma_0^2 + sum_k p_k^2 sigma_k^2)
+
+    treating the columns' errors as independent (the model gives no covariance; errors shared by
+    every column of an image cancel in the softmax, so this is an upper estimate for them).
+    Capped at 1/2, the largest standard deviation a quantity in [0, 1] can have, where the first
+    order breaks down (``s * sigma`` of order 1 or more).
+    """
+    z = np.where(column_mask[:, None, :], scale * raw, -np.inf)
+    e = np.exp(z - z.max(axis=2, keepdims=True))
+    weights = e / e.sum(axis=2, keepdims=True)  # 0 in columns a prompt does not have
+    c = weights[:, :, 0]
+    sig = np.where(column_mask[:, None, :], np.nan_to_num(np.asarray(sigma, dtype=np.float64)), 0.0)
+    var = (1.0 - c) ** 2 * sig[:, :, 0] ** 2 + (weights[:, :, 1:] ** 2 * sig[:, :, 1:] ** 2).sum(axis=2)
+    return c, np.minimum(abs(scale) * c * np.sqrt(var), 0.5)
+
+
+class URSelf(_Calibrated):
+    """UR with each model's own uncertainty: ``mean_m c_m - lam * mean_m u_m``.
+
+    ``c_m``: model ``m``'s TextNorm confidence; ``u_m``: its standard deviation implied by the
+    standard deviations the model predicts for its scores (:func:`confidence_std`); 0 for a model
+    that reports none. Works on one model (a normalizer) or several (an ensemble).
+    """
+
+    id: ClassVar[str] = "ur_self"
+    uses_uncertainty: ClassVar[bool] = True
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
+        *_Calibrated.hyperparameters,
+        Hyperparameter("lam", LAMBDAS, default=0.5, simplest=0.0),
+    )
+
+    def __init__(self, **values: Any):
+        super().__init__(**values)
+        if self.value("lam") < 0:
+            raise HarnessError(f"lambda must be >= 0, got {self.value('lam')}")
+
+    def compute(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray, uncertainty: Mapping[str, np.ndarray] | None = None
+                ) -> np.ndarray:
+        if column_mask.shape[1] < 2 or not column_mask[:, 1:].any(axis=1).all():
+            raise HarnessError("TextNorm needs contrastive prompts, but a prompt has none")
+        uncertainty = uncertainty or {}
+        confidences, spreads = [], []
+        for m, raw in scores.items():
+            raw = np.asarray(raw, dtype=np.float64)
+            sigma = uncertainty.get(m)
+            sigma = np.zeros_like(raw) if sigma is None else np.asarray(sigma, dtype=np.float64)
+            c, u = confidence_std(raw, sigma, column_mask, self.value("scale", m))
+            confidences.append(c)
+            spreads.append(u)
+        return np.mean(confidences, axis=0) - self.value("lam") * np.mean(spreads, axis=0)
+
+    def batched(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
+                image_mask: np.ndarray, uncertainty: Mapping[str, np.ndarray] | None = None
+                ) -> np.ndarray:
+        return self.compute(scores, column_mask, image_mask, uncertainty)
+
+    def __call__(self, scores: Mapping[str, Any],
+                 uncertainty: Mapping[str, Any] | None = None) -> np.ndarray:
+        stacked, mask = _one_prompt(scores, need_contrastive=True)
+        spread = None
+        if uncertainty is not None:
+            spread = {}
+            for m, values in uncertainty.items():
+                arr = np.asarray(values, dtype=np.float64)
+                if str(m) in stacked and arr.shape != stacked[str(m)].shape[1:]:
+                    raise HarnessError(f"uncertainty of '{m}' has shape {arr.shape}, its scores "
+                                       f"{stacked[str(m)].shape[1:]}")
+                spread[str(m)] = arr[None]
+        return self.compute(stacked, mask, np.ones(stacked_shape(stacked), dtype=bool), spread)[0]
+
+
 class Identity(_Vectorised):
     """The raw score of the image's own prompt (column 0), for one model."""
 
@@ -206,5 +293,6 @@ def register_normalizers(register):
     register(TextNorm)
     register(MeanEnsemble)
     register(UREnsemble)
+    register(URSelf)
     register(Identity)
     register(ZScore)

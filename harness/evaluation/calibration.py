@@ -8,7 +8,9 @@ per-prompt ``__call__``.
 Scores are held as padded tensors over the prompts of one benchmark subset
 (:class:`ContrastiveScores`): for each model ``[P, N, 1 + C]`` raw scores (prompt ``p``, image
 ``i``, column 0 the prompt itself, then its contrastive prompts), with masks for the images and
-contrastive prompts each prompt really has.
+contrastive prompts each prompt really has, and for models that report uncertainty the standard
+deviations they predict for those scores, in the same layout (handed to normalizers that declare
+``uses_uncertainty``).
 
 Selection (:func:`calibrate`):
 
@@ -54,10 +56,14 @@ class ContrastiveScores:
     binary: np.ndarray  #: [P, N] 0/1
     graded: np.ndarray  #: float [P, N]
     images: list[list[str]] = field(default_factory=list)  #: image names per prompt
+    #: model -> float64 [P, N, 1 + C] predicted standard deviations of ``raw``, for the models
+    #: that report uncertainty (others are absent)
+    uncertainty: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_long(cls, frame: pd.DataFrame, subset: str) -> ContrastiveScores:
-        """From a long table with columns prompt, image, binary, graded, model, column, score."""
+        """From a long table with columns prompt, image, binary, graded, model, column, score
+        (and ``uncertainty``, NaN for models without, when some model reports it)."""
         prompts = list(dict.fromkeys(frame["prompt"]))
         index = {p: i for i, p in enumerate(prompts)}
         per_prompt_images: list[list[str]] = [[] for _ in prompts]
@@ -80,7 +86,7 @@ class ContrastiveScores:
             binary[p, i] = b
             graded[p, i] = g
         column_mask = np.zeros((P, K), dtype=bool)
-        raw = {}
+        raw, spread = {}, {}
         for model, g in frame.groupby("model", sort=False):
             arr = np.zeros((P, N, K))
             p = g["prompt"].map(index).to_numpy()
@@ -89,7 +95,12 @@ class ContrastiveScores:
             arr[p, i, k] = g["score"].to_numpy(dtype=np.float64)
             column_mask[p, k] = True
             raw[str(model)] = arr
-        return cls(subset, prompts, raw, image_mask, column_mask, binary, graded, per_prompt_images)
+            if "uncertainty" in g and g["uncertainty"].notna().any():
+                std = np.zeros((P, N, K))
+                std[p, i, k] = g["uncertainty"].to_numpy(dtype=np.float64)
+                spread[str(model)] = std
+        return cls(subset, prompts, raw, image_mask, column_mask, binary, graded, per_prompt_images,
+                   spread)
 
     @property
     def models(self) -> list[str]:
@@ -98,13 +109,19 @@ class ContrastiveScores:
     def standardized(self) -> ContrastiveScores:
         """Each model's raw scores mapped to (r - mean) / std over all its valid entries (label-free)."""
         valid = self.image_mask[:, :, None] & self.column_mask[:, None, :]
-        raw = {}
+        raw, spread = {}, {}
         for m, arr in self.raw.items():
             values = arr[valid]
             std = values.std()
             raw[m] = (arr - values.mean()) / (std if std > 0 else 1.0)
+            if m in self.uncertainty:  # a standard deviation scales with the scores
+                spread[m] = self.uncertainty[m] / (std if std > 0 else 1.0)
         return ContrastiveScores(self.subset, self.prompts, raw, self.image_mask, self.column_mask,
-                                 self.binary, self.graded, self.images)
+                                 self.binary, self.graded, self.images, spread)
+
+    def uncertainty_of(self, models: Sequence[str]) -> dict[str, np.ndarray]:
+        """``{model: [P, N, K]}`` predicted standard deviations, NaN for a model without."""
+        return {m: self.uncertainty.get(m, np.full(self.raw[m].shape, np.nan)) for m in models}
 
     def standardization(self) -> dict[str, tuple[float, float]]:
         valid = self.image_mask[:, :, None] & self.column_mask[:, None, :]
@@ -189,17 +206,25 @@ def normalize(normalizer: Normalizer, data: ContrastiveScores, models: Sequence[
 
     Uses the normalizer's :meth:`~harness.types.Normalizer.batched` fast path when it has one,
     else calls it once per prompt with that prompt's real images and columns, as the contract
-    says. A wrong shape or a non-finite value is an error naming the normalizer.
+    says. A normalizer that declares ``uses_uncertainty`` also gets
+    ``uncertainty={model: ...}`` in the same layout (NaN for models that report none). A wrong
+    shape or a non-finite value is an error naming the normalizer.
     """
     scores = {m: data.raw[m] for m in models}
     P, N = data.image_mask.shape
-    out = normalizer.batched(scores, data.column_mask, data.image_mask)
+    extra: dict[str, Any] = {}
+    spread = data.uncertainty_of(models) if getattr(normalizer, "uses_uncertainty", False) else None
+    if spread is not None:
+        extra["uncertainty"] = spread
+    out = normalizer.batched(scores, data.column_mask, data.image_mask, **extra)
     if out is None:
         out = np.zeros((P, N))
         for p in range(P):
             rows, cols = data.image_mask[p], data.column_mask[p]
-            value = np.asarray(normalizer({m: s[p][rows][:, cols] for m, s in scores.items()}),
-                               dtype=np.float64)
+            if spread is not None:
+                extra = {"uncertainty": {m: u[p][rows][:, cols] for m, u in spread.items()}}
+            value = np.asarray(normalizer({m: s[p][rows][:, cols] for m, s in scores.items()},
+                                          **extra), dtype=np.float64)
             if value.shape != (int(rows.sum()),):
                 raise HarnessError(
                     f"normalizer '{normalizer.id}' returned shape {value.shape} for "

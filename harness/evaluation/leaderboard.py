@@ -46,14 +46,17 @@ PER_PROMPT_KEYS = ("subset", "method", "source", "prompt", "n_images", "n_positi
 
 @dataclass
 class LeaderboardResult:
-    rows: pd.DataFrame  #: one row per (subset, method, source); columns ROW_KEYS
+    #: one row per (subset, method, source); columns ROW_KEYS, plus ``uncertainty_mean`` when a
+    #: scored model reports uncertainty (its mean predicted standard deviation; NaN elsewhere)
+    rows: pd.DataFrame
     #: one row per (subset, method, source, prompt) with both binary classes; PER_PROMPT_KEYS
     per_prompt: pd.DataFrame
     manifest: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     run_dir: Path | None = None
-    #: one row per (model, image, prompt) scored: subset, prompt, image, method, score
+    #: one row per (model, image, prompt) scored: subset, prompt, image, method, column, text,
+    #: score, uncertainty (the model's predicted standard deviation; NaN where it reports none)
     scores: pd.DataFrame | None = None
     #: paired bootstrap of each scored model against its reported row, per subset and metric
     comparisons: pd.DataFrame | None = None
@@ -160,6 +163,10 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
             parts.extend(cal_parts)
             for cal in calibration:
                 notes.append(f"{cal['subset']}/{cal['method']}: prompts {cal['prompts']}; {cal['summary']}")
+                if cal.get("without_uncertainty"):
+                    notes.append(f"{cal['subset']}/{cal['method']}: {', '.join(cal['without_uncertainty'])} "
+                                 "report no uncertainty; the normalizer got NaN standard deviations "
+                                 "for them (see its documentation for what it does then)")
         own = scores_frame[scores_frame["column"] == 0][["subset", "image", "method", "score"]]
         if by_prompt:
             parts += _prompt_rows(own.assign(source="scored"), labels, "scored")
@@ -189,6 +196,8 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
                         n_boot=r.bootstrap, seed=r.seed, confidence=r.confidence)
         rows = rows.sort_values("subset", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
         per_prompt = pd.DataFrame(columns=list(PER_PROMPT_KEYS))
+    if scores_frame is not None:
+        rows = _with_uncertainty(rows, scores_frame)
     from harness.evaluation.manifest import build_manifest
 
     title = f"{bench.id} leaderboard"
@@ -222,6 +231,23 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
     return LeaderboardResult(rows, per_prompt, manifest, notes, missing, scores=scores_frame,
                              comparisons=comparisons, failed_images=failed, title=title,
                              confidence=r.confidence, protocol=protocol, benchmark=bench.id)
+
+
+def _with_uncertainty(rows: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with an ``uncertainty_mean`` column when a scored model reports uncertainty: the
+    mean standard deviation it predicts for the scores of the images it scored against their own
+    prompts, per subset, on its ``scored`` rows; NaN (null in leaderboard.json) on every other
+    row. Unchanged when no model reports uncertainty."""
+    own = scores[(scores["column"] == 0) & scores["uncertainty"].notna()]
+    if own.empty:
+        return rows
+    means = own.groupby(["subset", "method"], sort=False)["uncertainty"].mean()
+    rows = rows.copy()
+    rows["uncertainty_mean"] = [
+        float(means.get((str(sub), method), np.nan)) if source == "scored" else np.nan
+        for sub, method, source in zip(rows["subset"], rows["method"], rows["source"], strict=True)
+    ]
+    return rows
 
 
 def _prompt_rows(scores: pd.DataFrame, labels: pd.DataFrame, source: str) -> list[pd.DataFrame]:
@@ -322,8 +348,10 @@ def _score(labels: pd.DataFrame, s: ScoringSection,
            ) -> tuple[pd.DataFrame, dict[str, str], list[dict[str, Any]]]:
     """Score every image against its own prompt (column 0) and its contrastive prompts.
 
-    :returns: a long table ``subset, prompt, image, method, column, text, score``, the images
-        that could not be read, and each model's description for the manifest.
+    :returns: a long table ``subset, prompt, image, method, column, text, score,
+        uncertainty`` (``uncertainty``: the standard deviation the model predicts for the score,
+        NaN for models that report none), the images that could not be read, and each model's
+        description for the manifest.
     """
     from harness.scoring import score_models
 
@@ -348,6 +376,9 @@ def _score(labels: pd.DataFrame, s: ScoringSection,
         frame["column"] = np.concatenate([np.arange(n) for n in lengths]) if ok else []
         frame["text"] = [t for i in ok for t in texts[i]]
         frame["score"] = np.concatenate([run.scores[i] for i in ok]) if ok else []
+        frame["uncertainty"] = np.concatenate([
+            np.full(len(texts[i]), np.nan) if run.uncertainty[i] is None else run.uncertainty[i]
+            for i in ok]) if ok else []
         frames.append(frame)
         info.append(scored.manifest())
     return pd.concat(frames, ignore_index=True), failed, info
@@ -401,6 +432,8 @@ def _calibrated_rows(
             record.append({"subset": subset, "method": label, "prompts": c.prompts,
                            "selection": result.selection, "standardize": c.standardize,
                            "summary": result.summary(), "chosen": result.chosen})
+            if catalog.get(name).uses_uncertainty:
+                record[-1]["without_uncertainty"] = [m for m in group if m not in tensor.uncertainty]
     return parts, record
 
 

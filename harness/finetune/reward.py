@@ -9,6 +9,11 @@
   ``{label: float64 [n_p, 1 + C]}`` (the contract's "N images of one prompt"; ``label`` is each
   spec's :attr:`~harness.scoring.specs.ModelSpec.label`), the results going back in input order.
 
+A reward model that reports uncertainty (``reports_uncertainty``: a score and its standard
+deviation per prompt) gives its score, the predicted mean, as the reward; its standard deviations
+go only to a normalizer that declares ``uses_uncertainty`` (as ``uncertainty={label: [n_p, 1 + C]}``,
+NaN for models that report none), e.g. ``ur_self``, which penalises uncertain images.
+
 Everything that would make the reward meaningless is refused at construction, before training
 starts: an unknown normalizer or hyperparameter, a normalizer that needs several images of a
 prompt (``min_images > 1``: a per-prompt z-score of one image is 0), a number of reward models
@@ -176,7 +181,14 @@ class RewardFunction:
         self.sets.update(found)
 
     def raw_scores(self, images: Sequence[Any], prompts: Sequence[str]) -> dict[str, list[np.ndarray]]:
-        """``{label: B arrays}``: each image's scores against its prompt (then its contrastive ones)."""
+        """``{label: B arrays}``: each image's scores against its prompt (then its contrastive ones);
+        for a model that reports uncertainty, the scores (its predicted means)."""
+        return self.scores_and_uncertainty(images, prompts)[0]
+
+    def scores_and_uncertainty(self, images: Sequence[Any], prompts: Sequence[str]
+                               ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+        """:meth:`raw_scores` and ``{label: B arrays}`` of the standard deviations each model
+        predicts for them (NaN for a model that reports none)."""
         import torch
 
         from harness.scoring.batches import collate, run_with_backoff
@@ -187,15 +199,27 @@ class RewardFunction:
             columns = [[p, *self.sets[p]] for p in prompts]
         else:
             columns = [[p] for p in prompts]
-        out = {}
+        out, spreads = {}, {}
         for label, model in self.models.items():
             batch = collate([model.preprocess(image) for image in images])
             with torch.no_grad():
                 out[label] = run_with_backoff(model, batch, columns)
+            uncertain = bool(getattr(type(model), "reports_uncertainty", False))
+            spreads[label] = []
             for i, (scores, cols) in enumerate(zip(out[label], columns, strict=True)):
                 if isinstance(scores, ImageFailure):  # no number to train on: never a made-up one
                     raise HarnessError(f"reward model '{label}' could not score image {i} of the "
                                        f"batch against {cols[0]!r}: {scores.reason}")
+                if uncertain:
+                    arr = np.asarray(scores, dtype=np.float64)
+                    if arr.shape != (len(cols), 2):
+                        raise HarnessError(
+                            f"reward model '{label}' reports uncertainty but returned shape "
+                            f"{list(arr.shape)} for {len(cols)} prompts (expected [prompts, 2])")
+                    scores = out[label][i] = arr[:, 0]
+                    spreads[label].append(arr[:, 1])
+                else:
+                    spreads[label].append(np.full(len(cols), np.nan))
                 bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=np.float64)))
                 if bad.size:
                     j = int(bad[0])
@@ -204,21 +228,25 @@ class RewardFunction:
                         f"reward model '{label}' returned {scores[j]} for image {i} of the batch "
                         f"against {which} {cols[0]!r}: check its checkpoint and dtype (float32 "
                         "avoids float16 overflow)")
-        return out
+        return out, spreads
 
     def __call__(self, images: Sequence[Any], prompts: Sequence[str]) -> np.ndarray:
         if len(images) != len(prompts):
             raise HarnessError(f"reward got {len(images)} images but {len(prompts)} prompts")
-        raw = self.raw_scores(images, prompts)
+        raw, spreads = self.scores_and_uncertainty(images, prompts)
         if self.normalizer is None:
             return np.array([s[0] for s in next(iter(raw.values()))], dtype=np.float64)
+        extra: dict[str, Any] = {}
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
         out = np.empty(len(prompts), dtype=np.float64)
         for prompt, index in groups.items():
             scores = {label: np.stack([rows[i] for i in index]) for label, rows in raw.items()}
-            values = np.asarray(self.normalizer(scores), dtype=np.float64).reshape(-1)
+            if self.normalizer.uses_uncertainty:
+                extra = {"uncertainty": {label: np.stack([rows[i] for i in index])
+                                         for label, rows in spreads.items()}}
+            values = np.asarray(self.normalizer(scores, **extra), dtype=np.float64).reshape(-1)
             if values.shape != (len(index),):
                 raise HarnessError(
                     f"normalizer '{self.normalizer.id}' returned {values.size} values for the "

@@ -6,7 +6,9 @@ fine-tuning reward, so images are decoded and batches scored the same way everyw
 conversion, except that samples wider than 8 bits are scaled to 8), so each model converts
 palette, RGBA, CMYK, ... images the way its original does. An image that cannot be decoded is
 that image's failure, named by its path (:func:`decode_and_preprocess`). A GPU out-of-memory
-error halves the batch and retries (:func:`run_with_backoff`).
+error halves the batch and retries (:func:`run_with_backoff`). Scores come back as float64
+``[P]`` per image, or ``[P, 2]`` (score, standard deviation) from a model that reports
+uncertainty.
 """
 
 from __future__ import annotations
@@ -94,7 +96,12 @@ def _to_numpy(x: Any) -> Any:
 def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]]
                      ) -> list[np.ndarray | ImageFailure]:
     features = model.embed_images(batch)
-    return [s if isinstance(s, ImageFailure) else np.asarray(_to_numpy(s), dtype=np.float64).reshape(-1)
+    # A model that reports uncertainty gives [P, 2] (score, standard deviation): kept as is, and
+    # checked by the plan; others are flattened to [P].
+    keep = bool(getattr(type(model), "reports_uncertainty", False))
+    return [s if isinstance(s, ImageFailure)
+            else np.asarray(_to_numpy(s), dtype=np.float64) if keep
+            else np.asarray(_to_numpy(s), dtype=np.float64).reshape(-1)
             for s in model.score(features, prompts)]
 
 

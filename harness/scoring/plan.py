@@ -17,6 +17,10 @@ numbers what they are, whatever the plugin reports in ``describe()``:
   cache's ``blobs/`` folder is named by its content hash already, so it is not read;
 - the class's ``preprocessing_version``, and the core decoder's
   (:data:`harness.images.DECODER_VERSION`).
+
+A model that reports uncertainty (``reports_uncertainty``: ``score`` gives ``[P, 2]`` per image,
+the score and its standard deviation) keeps its standard deviations in the same cache under the
+model key ``<key>#std`` (:func:`std_key`); an image counts as cached only when both are there.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ _COUNTERS = frozenset({"truncated_prompts"})
 @dataclass
 class ScoreRun:
     """Result of :func:`~harness.scoring.score_images`: ``scores[i]`` is float64
-    ``[len(prompts[i])]``, or None for an image in ``failed``."""
+    ``[len(prompts[i])]``, or None for an image in ``failed``.
+
+    ``uncertainty[i]`` (aligned with ``scores``) is the standard deviation the model predicts for
+    each of those scores, float64 ``[len(prompts[i])]``, ``>= 0``, for a model that reports
+    uncertainty (:attr:`~harness.types.RewardModel.reports_uncertainty`); None otherwise.
+    """
 
     scores: list[np.ndarray | None]
     failed: dict[str, str] = field(default_factory=dict)
@@ -64,6 +73,12 @@ class ScoreRun:
     #: The executor's name, options and facts of the run (Ray: ``placement`` actor -> GPUs).
     executor_info: dict[str, Any] = field(default_factory=dict)
     cache_key: str = ""  #: the model's key in the score cache
+    uncertainty: list[np.ndarray | None] = field(default_factory=list)
+    reports_uncertainty: bool = False  #: the model declared ``reports_uncertainty``
+
+    def __post_init__(self) -> None:
+        if len(self.uncertainty) != len(self.scores):
+            self.uncertainty = [None] * len(self.scores)
 
 
 # -- content hashes ---------------------------------------------------------------------------
@@ -238,6 +253,11 @@ def model_cache_key(model: RewardModel, spec: ModelSpec | None = None) -> str:
     return f"{parts['id']}:{hashlib.sha256(blob.encode()).hexdigest()}"
 
 
+def std_key(key: str) -> str:
+    """The score-cache model key under which the standard deviations of ``key``'s scores live."""
+    return f"{key}#std"
+
+
 def _model_name(model: Any) -> str:
     return getattr(model, "id", type(model).__name__)
 
@@ -266,7 +286,9 @@ class ScorePlan:
         self.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
         self.model_name = _model_name(model)
         self.key = model_cache_key(model, spec)
-        self.run = ScoreRun(scores=[None] * len(self.paths), cache_key=self.key)
+        self.reports_uncertainty = bool(getattr(type(model), "reports_uncertainty", False))
+        self.run = ScoreRun(scores=[None] * len(self.paths), cache_key=self.key,
+                            reports_uncertainty=self.reports_uncertainty)
         self.hashes: list[str | None] = []
         for p in self.paths:
             try:
@@ -276,51 +298,91 @@ class ScorePlan:
                 self.run.failed[p] = f"{type(exc).__name__}: {exc.strerror or exc}"
         self.todo: list[int] = []
         self._accepted: set[int] = set()
-        found = cache.get(self.key, [h for h in self.hashes if h is not None]) if cache else {}
+        known = [h for h in self.hashes if h is not None]
+        found = cache.get(self.key, known) if cache else {}
+        spread = cache.get(std_key(self.key), known) if cache and self.reports_uncertainty else {}
         for i, h in enumerate(self.hashes):
             if h is None:
                 continue
             got = [found.get((h, q)) for q in self.prompts[i]]
-            if all(v is not None for v in got):
+            std = [spread.get((h, q)) for q in self.prompts[i]] if self.reports_uncertainty else []
+            if all(v is not None for v in got) and all(v is not None for v in std):
                 self.run.scores[i] = np.asarray(got, dtype=np.float64)
+                if self.reports_uncertainty:
+                    self.run.uncertainty[i] = np.asarray(std, dtype=np.float64)
                 self.run.cached += len(got)
             else:
                 self.todo.append(i)
 
+    def split(self, i: int, values: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """One image's result -> ``(scores [P], standard deviations [P] or None)``, checked:
+        ``[P]`` (or anything of ``P`` values) from a model without uncertainty, exactly
+        ``[P, 2]`` from one that reports it; finite, and standard deviations ``>= 0``."""
+        n = len(self.prompts[i])
+        arr = np.asarray(values, dtype=np.float64)
+        std = None
+        if self.reports_uncertainty:
+            if arr.shape != (n, 2):
+                raise HarnessError(
+                    f"reward model '{self.model_name}' reports uncertainty, so it must return "
+                    f"[prompts, 2] (score, standard deviation) per image; it returned shape "
+                    f"{list(arr.shape)} for the {n} prompts of image {self.paths[i]}"
+                )
+            arr, std = arr[:, 0].copy(), arr[:, 1].copy()
+        else:
+            arr = arr.reshape(-1)
+            if arr.shape != (n,):
+                raise HarnessError(
+                    f"reward model '{self.model_name}' returned {arr.shape[0]} scores for "
+                    f"{n} prompts of image {self.paths[i]}"
+                )
+        for what, column in (("score", arr), ("standard deviation", std)):
+            if column is None:
+                continue
+            wrong = ~np.isfinite(column)
+            if column is std:
+                wrong |= column < 0
+            bad_at = np.flatnonzero(wrong)
+            if bad_at.size:
+                k = int(bad_at[0])
+                kind = "non-finite" if not np.isfinite(column[k]) else "negative"
+                raise HarnessError(
+                    f"reward model '{self.model_name}' returned a {kind} {what} "
+                    f"({column[k]}) for image {self.paths[i]} and prompt {self.prompts[i][k]!r}"
+                )
+        return arr, std
+
     def accept(self, ids: Sequence[int], results: Sequence[np.ndarray | ImageFailure],
                bad: Sequence[tuple[int, str]] = ()) -> None:
         """Record scores of images ``ids`` (indices into the run) and failures ``(index, why)``
-        (an :class:`~harness.types.ImageFailure` in ``results`` is one too)."""
+        (an :class:`~harness.types.ImageFailure` in ``results`` is one too). A model that
+        reports uncertainty gives ``[P, 2]`` per image (see :meth:`split`)."""
         for i, err in bad:
             if i not in self._accepted:  # a retried task may deliver an image twice
                 self.run.failed[self.paths[i]] = err
-        rows = []
+        rows, std_rows = [], []
         for i, values in zip(ids, results, strict=True):
             if i in self._accepted:
                 continue  # a retried batch delivered twice: keep the first
             if isinstance(values, ImageFailure):  # the model could not score it: no number
                 self.run.failed[self.paths[i]] = values.reason
                 continue
-            values = np.asarray(values, dtype=np.float64).reshape(-1)
-            if values.shape != (len(self.prompts[i]),):
-                raise HarnessError(
-                    f"reward model '{self.model_name}' returned {values.shape[0]} scores for "
-                    f"{len(self.prompts[i])} prompts of image {self.paths[i]}"
-                )
-            bad_at = np.flatnonzero(~np.isfinite(values))
-            if bad_at.size:
-                k = int(bad_at[0])
-                raise HarnessError(
-                    f"reward model '{self.model_name}' returned a non-finite score "
-                    f"({values[k]}) for image {self.paths[i]} and prompt {self.prompts[i][k]!r}"
-                )
+            values, std = self.split(i, values)
             self.run.scores[i] = values
+            self.run.uncertainty[i] = std
             self._accepted.add(i)
             self.run.failed.pop(self.paths[i], None)
             rows.extend(zip([self.hashes[i]] * len(values), self.prompts[i], values.tolist(),
                             strict=True))
+            if std is not None:
+                std_rows.extend(zip([self.hashes[i]] * len(std), self.prompts[i], std.tolist(),
+                                    strict=True))
             self.run.encoded_images += 1
         if self.cache is not None and rows:
+            # The deviations first: a run stopped between the two writes finds scores without
+            # deviations, which do not count as cached, and computes both again.
+            if std_rows:
+                self.cache.put(std_key(self.key), std_rows)
             self.cache.put(self.key, rows)
         self.run.computed += len(rows)
 

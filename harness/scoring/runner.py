@@ -106,13 +106,22 @@ class ModelScores:
     describe: dict[str, Any]  #: ``model.describe()`` after scoring (truncation counts included)
     run: ScoreRun
 
+    @property
+    def uncertainty(self) -> list[Any]:
+        """Per image the predicted standard deviations of its scores (``run.uncertainty``):
+        float64 ``[P]``, or None (a model that reports none, or a failed image)."""
+        return self.run.uncertainty
+
     def manifest(self) -> dict[str, Any]:
         """What a run manifest records about this model."""
         run = self.run
-        return {**self.describe, "method": self.label, "spec": self.spec.text,
-                "cache_key": run.cache_key, "computed": run.computed, "cached": run.cached,
-                "encoded_images": run.encoded_images, "seconds": round(run.seconds, 3),
-                "failed_images": len(run.failed), "executor": run.executor_info}
+        out = {**self.describe, "method": self.label, "spec": self.spec.text,
+               "cache_key": run.cache_key, "computed": run.computed, "cached": run.cached,
+               "encoded_images": run.encoded_images, "seconds": round(run.seconds, 3),
+               "failed_images": len(run.failed), "executor": run.executor_info}
+        if run.reports_uncertainty:
+            out["reports_uncertainty"] = True
+        return out
 
 
 def score_models(
