@@ -32,7 +32,7 @@ from harness.hf import (
 )
 from harness.hookspecs import hookimpl
 from harness.images import as_8bit
-from harness.types import RewardModel
+from harness.types import ModelCard, RewardModel
 
 MODES = ("itm", "itc")
 
@@ -42,6 +42,15 @@ class BLIP2Reward(RewardModel):
 
     id: ClassVar[str] = "blip2"
     default_checkpoint: ClassVar[str] = "Salesforce/blip2-itm-vit-g"
+    card: ClassVar[ModelCard] = ModelCard(
+        checkpoint="Salesforce/blip2-itm-vit-g",
+        license="MIT",
+        score_range="mode=itm: [0, 1]; mode=itc: [-1, 1]",
+        meaning="itm: the ITM head's probability that image and text match; itc: the highest cosine "
+                "between the 32 query embeddings and the text embedding",
+        paper="Li et al., BLIP-2 (ICML 2023)",
+        source="https://github.com/salesforce/LAVIS (transformers Blip2ForImageTextRetrieval)",
+    )
     #: 2: images reach the image processor as opened, which converts them itself (transparency
     #: composited onto white), as the original does. 3: samples wider than 8 bits (16-bit
     #: greyscale PNGs) scaled to 8 bits first (harness.images.as_8bit), not clipped.

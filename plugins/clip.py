@@ -30,7 +30,7 @@ from harness.hf import (
 )
 from harness.hookspecs import hookimpl
 from harness.images import as_8bit
-from harness.types import RewardModel
+from harness.types import ModelCard, RewardModel
 
 
 class CLIPReward(RewardModel):
@@ -38,6 +38,14 @@ class CLIPReward(RewardModel):
 
     id: ClassVar[str] = "clip"
     default_checkpoint: ClassVar[str] = "openai/clip-vit-large-patch14"
+    card: ClassVar[ModelCard] = ModelCard(
+        checkpoint="openai/clip-vit-large-patch14",
+        license="MIT",
+        score_range="[-1, 1] (typically 0.15-0.35 for natural images)",
+        meaning="cosine similarity of CLIP's projected image and text embeddings",
+        paper="Radford et al., Learning Transferable Visual Models From Natural Language Supervision (ICML 2021)",
+        source="https://github.com/openai/CLIP (transformers CLIPModel)",
+    )
     default_processor: ClassVar[str | None] = None  # None: the checkpoint's own processor
     #: 2: images reach the image processor as opened, which converts them itself (transparency
     #: composited onto white), as the original does. 3: samples wider than 8 bits (16-bit

@@ -49,7 +49,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.hookspecs import hookimpl
 from harness.images import as_8bit
-from harness.types import RewardModel
+from harness.types import ModelCard, RewardModel
 
 HUB_REPO = "THUDM/ImageReward"
 CHECKPOINT_FILE = "ImageReward.pt"
@@ -462,6 +462,15 @@ class ImageReward(RewardModel):
 
     id: ClassVar[str] = "imagereward"
     default_checkpoint: ClassVar[str] = "ImageReward-v1.0"
+    card: ClassVar[ModelCard] = ModelCard(
+        checkpoint="THUDM/ImageReward (ImageReward.pt)",
+        license="Apache-2.0",
+        score_range="unbounded, standardised: about N(0, 1) over its training prompts",
+        meaning="BLIP ViT-L image-text features through ImageReward's MLP head, minus its mean, "
+                "divided by its standard deviation (as ImageReward.score returns it)",
+        paper="Xu et al., ImageReward (NeurIPS 2023)",
+        source="https://github.com/THUDM/ImageReward (PyPI image-reward)",
+    )
     #: 2: images are resized and cropped in their own mode and converted to RGB last.
     #: 3: samples wider than 8 bits (16-bit greyscale PNGs) scaled to 8 bits first, not clipped.
     preprocessing_version: ClassVar[str] = "3"

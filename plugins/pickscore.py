@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from harness.hookspecs import hookimpl
+from harness.types import ModelCard
 from harness_plugins.clip import CLIPReward
 
 
@@ -22,6 +23,15 @@ class PickScore(CLIPReward):
     default_checkpoint: ClassVar[str] = "yuvalkirstain/PickScore_v1"
     default_processor: ClassVar[str | None] = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     score_name: ClassVar[str] = "logit_scale * cosine"
+    card: ClassVar[ModelCard] = ModelCard(
+        checkpoint="yuvalkirstain/PickScore_v1 (processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+        license="MIT",
+        score_range="[-100, 100] in principle (logit scale ~100 x cosine); typically 15-25",
+        meaning="the learned logit scale times the cosine of PickScore's CLIP embeddings, before "
+                "the softmax over candidate images the authors apply",
+        paper="Kirstain et al., Pick-a-Pic (NeurIPS 2023)",
+        source="https://github.com/yuvalkirstain/PickScore",
+    )
 
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().float().exp())

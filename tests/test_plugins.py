@@ -236,3 +236,21 @@ def test_catalogs_are_typed_and_bases_are_exported():
         for entry in plugins.catalogs[kind.key]:
             assert issubclass(entry.cls, kind.base)
     assert harness.hookimpl is __import__("harness.hookspecs").hookspecs.hookimpl
+
+
+def test_every_built_in_reward_model_has_a_model_card():
+    from test_cli import harness
+
+    from harness.types import ModelCard
+
+    builtins = [e for e in get_plugins().reward_models if e.plugin.startswith("harness_plugins")]
+    assert {e.id for e in builtins} >= {"clip", "pickscore", "blip2", "imagereward", "hpsv2", "vqascore",
+                                        "hpsv3", "vlm_judge"}
+    for entry in builtins:
+        card = entry.cls.card
+        assert isinstance(card, ModelCard), entry.id
+        assert card.checkpoint and card.license and card.score_range and card.meaning, entry.id
+    shown = harness("models", "hpsv3")
+    assert shown.returncode == 0 and "license: MIT" in shown.stdout and "score_range:" in shown.stdout
+    listed = json.loads(harness("models", "--json").stdout)
+    assert {r["id"]: r["card"]["license"] for r in listed}["clip"] == "MIT"
