@@ -128,6 +128,10 @@ class RewardModel(ABC):
     ray_runtime_env: ClassVar[dict[str, Any] | None] = None
     #: The default weights' model card (None: none published).
     card: ClassVar[ModelCard | None] = None
+    #: Its scores are probabilities that the image matches the prompt (BLIP-2 ITM, VQAScore): the
+    #: leaderboard's calibration uses them as they are instead of fitting a mapping. An instance
+    #: may set it (e.g. by mode).
+    score_is_probability: ClassVar[bool] = False
     #: :meth:`score` returns ``[P, 2]`` per image (score, its standard deviation >= 0).
     reports_uncertainty: ClassVar[bool] = False
 
@@ -295,6 +299,8 @@ class Normalizer(ABC):
     id: ClassVar[str]
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     needs_contrastive: ClassVar[bool] = False
+    #: Its output is a probability in [0, 1] (TextNorm): calibration uses it as it is.
+    outputs_probability: ClassVar[bool] = False
     #: Take ``uncertainty=`` (the models' own standard deviations) beside the scores.
     uses_uncertainty: ClassVar[bool] = False
     min_models: ClassVar[int] = 1

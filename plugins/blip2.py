@@ -78,6 +78,7 @@ class BLIP2Reward(RewardModel):
         self.batch_size = batch_size
         self.revision = revision
         self.mode = mode
+        self.score_is_probability = mode == "itm"  # the ITM head's match probability
         self.max_text_tokens = max_text_tokens
         self.pair_batch_size = pair_batch_size
         load_config(self.checkpoint, ("blip-2",), "Blip2ForImageTextRetrieval", revision)
@@ -195,6 +196,7 @@ class BLIP2Reward(RewardModel):
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "score_is_probability": self.score_is_probability,
             "checkpoint": self.checkpoint,
             "revision": self.revision or commit_hash(self.model),
             "checkpoint_sha256": self.checkpoint_sha256,

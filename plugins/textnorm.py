@@ -122,6 +122,7 @@ class TextNorm(_Calibrated):
     """Softmax confidence of the image's own prompt against its contrastive prompts (one model)."""
 
     id: ClassVar[str] = "textnorm"
+    outputs_probability: ClassVar[bool] = True
     max_models: ClassVar[int | None] = 1
 
     def reduce(self, confidences: np.ndarray) -> np.ndarray:
@@ -136,6 +137,7 @@ class MeanEnsemble(_Calibrated):
     """Mean over models of their TextNorm confidences."""
 
     id: ClassVar[str] = "mean"
+    outputs_probability: ClassVar[bool] = True
     min_models: ClassVar[int] = 2
 
     def reduce(self, confidences: np.ndarray) -> np.ndarray:

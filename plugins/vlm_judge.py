@@ -216,6 +216,7 @@ class VLMJudge(RewardModel):
     preprocessing_version: ClassVar[str] = "1"
     runtime_options: ClassVar[frozenset[str]] = RewardModel.runtime_options | frozenset(
         {"api_key_env", "concurrency", "timeout", "max_retries", "backoff", "max_wait", "cache"})
+    score_is_probability: ClassVar[bool] = True
     card: ClassVar[ModelCard] = ModelCard(
         checkpoint="Qwen/Qwen2.5-VL-7B-Instruct",  # the served model's name; the server pins weights
         license="Apache-2.0 (Qwen2.5-VL-7B-Instruct); a hosted model: its provider's terms",

@@ -167,6 +167,7 @@ class VQAScore(RewardModel):
     runtime_options: ClassVar[frozenset[str]] = frozenset(
         {"device", "batch_size", "pair_batch_size"}
     )
+    score_is_probability: ClassVar[bool] = True
     card: ClassVar[ModelCard] = ModelCard(
         checkpoint=HUB_3B,
         revision=REVISIONS[HUB_3B],

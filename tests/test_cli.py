@@ -230,7 +230,8 @@ def test_yaml_config_and_flag_overrides(tia2_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["data"]["subsets"] == ["counting"]
-    assert manifest["config"]["report"] == {"bootstrap": 50, "confidence": 0.8, "seed": 0, "plots": False}
+    assert manifest["config"]["report"] == {"bootstrap": 50, "confidence": 0.8, "seed": 0, "plots": False,
+                                            "calibration_bins": 10, "calibration_mapping": "platt"}
     rows = json.loads((out / "leaderboard.json").read_text())
     assert {r["subset"] for r in rows} == {"counting"}
     assert not (out / "plots").exists()

@@ -34,10 +34,11 @@ def test_a_run_folder_is_written_whole_with_the_umask(result, tmp_path):
     finally:
         os.umask(old)
     assert is_run_folder(out) and _leftovers(tmp_path) == []
-    assert {p.name for p in out.iterdir()} == {"leaderboard.json", "leaderboard.csv", "leaderboard.md",
+    assert {p.name for p in out.iterdir()} >= {"leaderboard.json", "leaderboard.csv", "leaderboard.md",
                                                "leaderboard.html", "per_prompt.csv", "manifest.json"}
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
-    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o640}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_dir()} <= {0o750}
     os.umask(0o002)
     try:
         write_run(tmp_path / "shared", result, plots=True)
@@ -59,11 +60,11 @@ def test_a_failure_while_writing_leaves_nothing_or_the_old_run(result, tmp_path,
 
     monkeypatch.undo()
     out = write_run(tmp_path / "old", result, plots=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     monkeypatch.setattr(report, "render_html", full_disk)
     with pytest.raises(HarnessError):
         write_run(out, result, plots=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert _leftovers(tmp_path) == []
 
 

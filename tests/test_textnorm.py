@@ -176,7 +176,7 @@ def test_leaderboard_calibration_drops_images_a_model_could_not_score():
     jobs = [("textnorm", ["a"]), ("textnorm", ["b"]), ("ur", ["a", "b"])]
     common, kept = _common_images(scores[~gone], labels, 2)
     assert len(kept) == len(labels) - 1 and len(common) == len(scores) - 2 * 4  # a's i3 too
-    parts, record = _calibrated_rows(common, kept, jobs, CalibrationSection(prompts="x", folds=3), seed=0)
+    parts, record, _ = _calibrated_rows(common, kept, jobs, CalibrationSection(prompts="x", folds=3), seed=0)
     rows = pd.concat(parts)
     p0 = rows[(rows.prompt == "p0")]
     assert set(p0["n_images"]) == {7}  # i3 left out for every model, once per image

@@ -59,6 +59,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "report.confidence": ("confidence", "--confidence"),
     "report.seed": ("seed", "--seed"),
     "report.plots": ("no_plots", "--no-plots"),
+    "report.calibration_bins": ("calibration_bins", "--calibration-bins"),
+    "report.calibration_mapping": ("calibration_mapping", "--calibration-mapping"),
 }
 
 
@@ -86,6 +88,7 @@ def config_from_flags(ctx: click.Context, p: dict[str, Any]) -> Any:
                         "selection": "oracle" if p["oracle"] else "cv", "folds": p["folds"],
                         "select_metric": p["select_metric"], "standardize": p["standardize"]},
         "report": {"bootstrap": p["n_boot"], "confidence": p["confidence"], "seed": p["seed"],
+                   "calibration_bins": p["calibration_bins"], "calibration_mapping": p["calibration_mapping"],
                    "plots": not p["no_plots"]},
     }
     if p["config_path"] is None:
@@ -170,6 +173,10 @@ def _print_comparisons(comparisons: Any, confidence: float) -> None:
               help="Bootstrap resamples over prompts (0: no intervals).")
 @click.option("--confidence", default=0.95, show_default=True, help="Confidence level of the intervals.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--calibration-bins", default=10, show_default=True, type=click.IntRange(2, 1000),
+              help="Equal-mass bins of the ECE and the reliability diagrams.")
+@click.option("--calibration-mapping", default="platt", show_default=True, type=click.Choice(["platt", "isotonic"]),
+              help="How raw scores become probabilities for calibration (cross-fitted over prompts).")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not a harness run folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print leaderboard.json to stdout instead of tables.")
 @model_options

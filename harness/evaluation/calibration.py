@@ -153,6 +153,9 @@ class Calibrated:
     per_prompt: pd.DataFrame  #: prompt + METRICS
     selection: str  #: "cv" | "oracle" | "fixed"
     chosen: list[dict[str, Any]]  #: per fold (cv) or per prompt (oracle)
+    #: float64 [P, N]: each image's normalized score under the values chosen for its prompt
+    #: (its fold's for cv); padding 0
+    scores: np.ndarray | None = None
 
     def summary(self) -> str:
         if self.selection == "oracle":
@@ -308,11 +311,15 @@ def calibrate(
     frame = lambda values: pd.DataFrame(values, columns=list(METRICS)).assign(prompt=data.prompts)  # noqa: E731
     hypers = normalizer.hyperparameters
 
+    def normalized(values: Mapping[str, Any], on: Sequence[str]) -> np.ndarray:
+        return normalize(normalizer(**values), data, on)
+
     def evaluate(values: Mapping[str, Any], on: Sequence[str]) -> np.ndarray:
-        return _metrics(data, normalize(normalizer(**values), data, on))
+        return _metrics(data, normalized(values, on))
 
     if not hypers:
-        return Calibrated(name, models, frame(evaluate({}, models)), "fixed", [])
+        fixed_scores = normalized({}, models)
+        return Calibrated(name, models, frame(_metrics(data, fixed_scores)), "fixed", [], fixed_scores)
 
     if selection == "oracle":
         grid = _grid(hypers)
@@ -321,7 +328,11 @@ def calibrate(
         best = np.array([_best(table[:, [p], sel], order) for p in range(len(data.prompts))])
         values = table[best, np.arange(len(data.prompts))]
         chosen = [{"prompt": p, **grid[b]} for p, b in zip(data.prompts, best, strict=True)]
-        return Calibrated(name, models, frame(values), "oracle", chosen)
+        per_image = np.zeros(data.image_mask.shape)
+        for b in np.unique(best):
+            rows = best == b
+            per_image[rows] = normalized(grid[int(b)], models)[rows]
+        return Calibrated(name, models, frame(values), "oracle", chosen, per_image)
 
     per_model = [h for h in hypers if h.per_model]
     shared = [h for h in hypers if not h.per_model]
@@ -333,6 +344,7 @@ def calibrate(
              for m in models} if per_model else {}
     folds = make_folds(len(data.prompts), k, seed)
     values = np.full((len(data.prompts), len(METRICS)), np.nan)
+    per_image = np.zeros(data.image_mask.shape)
     chosen = []
     for f, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(data.prompts)), test)
@@ -350,9 +362,13 @@ def calibrate(
             j = _best(np.stack([t[train, sel] for t in table]), _simplest_first(points, shared))
             values[test] = table[j][test]
             entry.update(points[j])
+            used = {**fixed, **points[j]}
         elif len(models) == 1 and per_model:
             values[test] = alone[models[0]][model_grid.index(picked[models[0]])][test]
+            used = {**picked[models[0]], **shared_defaults}
         else:
             values[test] = evaluate(fixed, models)[test]
+            used = fixed
+        per_image[test] = normalized(used, models)[test]
         chosen.append(entry)
-    return Calibrated(name, models, frame(values), "cv", chosen)
+    return Calibrated(name, models, frame(values), "cv", chosen, per_image)

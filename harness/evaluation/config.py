@@ -75,6 +75,9 @@ class ReportSection:
     confidence: float = 0.95
     seed: int = 0
     plots: bool = True
+    calibration_bins: int = 10  #: equal-mass bins of the ECE and the reliability diagram
+    #: how raw scores become probabilities for calibration (cross-fitted over prompts)
+    calibration_mapping: str = "platt"
 
 
 @dataclass
@@ -146,6 +149,11 @@ class LeaderboardConfig:
             raise ConfigError("scoring.gpus_per_actor", f"must be between 0 and 1024, got {s.gpus_per_actor}")
         if not c.prompts.strip():
             raise ConfigError("calibration.prompts", "must not be empty: give benchmark, a generator id or a JSON file")
+        if not 2 <= r.calibration_bins <= 1000:
+            raise ConfigError("report.calibration_bins", f"must be between 2 and 1000, got {r.calibration_bins}")
+        if r.calibration_mapping not in ("platt", "isotonic"):
+            raise ConfigError("report.calibration_mapping",
+                              f"must be platt or isotonic, got {r.calibration_mapping!r}")
         if not 0.0 < r.confidence < 1.0:
             raise ConfigError("report.confidence", f"must be between 0 and 1, got {r.confidence}")
         if s.batch_size < 1:

@@ -125,6 +125,8 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
 
     parts: list[pd.DataFrame] = []
     item_scores: list[pd.DataFrame] = []  # pooled and preference protocols: subset, image, method, source, score
+    #: every per-image score of the run, for calibration: subset, image, method, source, score, native
+    per_image: list[pd.DataFrame] = []
     notes: list[str] = []
     if d.include_reported:
         if by_prompt:
@@ -137,6 +139,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         released = bench.reported_scores(subsets)
         if not released.empty:
             released = released.assign(subset=released["subset"].astype(str), source="reported")
+            per_image.append(released.assign(native=False))
             if by_prompt:
                 parts += _prompt_rows(released, labels, "reported")
             else:
@@ -159,8 +162,9 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
                          "and human rows; reported rows are the released metrics on all images")
         labels = evaluated
         if jobs:
-            cal_parts, calibration = _calibrated_rows(scores_frame, labels, jobs, c, seed=r.seed)
+            cal_parts, calibration, cal_scores = _calibrated_rows(scores_frame, labels, jobs, c, seed=r.seed)
             parts.extend(cal_parts)
+            per_image += cal_scores
             for cal in calibration:
                 notes.append(f"{cal['subset']}/{cal['method']}: prompts {cal['prompts']}; {cal['summary']}")
                 if cal.get("without_uncertainty"):
@@ -168,6 +172,8 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
                                  "report no uncertainty; the normalizer got NaN standard deviations "
                                  "for them (see its documentation for what it does then)")
         own = scores_frame[scores_frame["column"] == 0][["subset", "image", "method", "score"]]
+        native = {m["method"]: bool(m.get("score_is_probability", _class_says_probability(m))) for m in model_info}
+        per_image.append(own.assign(source="scored", native=own["method"].map(native).fillna(False)))
         if by_prompt:
             parts += _prompt_rows(own.assign(source="scored"), labels, "scored")
         else:
@@ -198,6 +204,22 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         per_prompt = pd.DataFrame(columns=list(PER_PROMPT_KEYS))
     if scores_frame is not None:
         rows = _with_uncertainty(rows, scores_frame)
+    if per_image:
+        from harness.evaluation.reliability import calibration_table
+
+        table, cal_notes = calibration_table(
+            protocol, labels, _pairs_of(loaded, labels), pd.concat(per_image, ignore_index=True),
+            bins=r.calibration_bins, mapping=r.calibration_mapping, n_boot=r.bootstrap, seed=r.seed,
+            confidence=r.confidence)
+        notes += cal_notes
+        if not table.empty:
+            rows = rows.merge(table, on=["subset", "method", "source"], how="left")
+            for col in ("ece_ci", "brier_ci"):  # rows without per-image scores: no interval
+                rows[col] = [v if isinstance(v, list) else [float("nan"), float("nan")] for v in rows[col]]
+            rows["calibration"] = [v if isinstance(v, dict) else None for v in rows["calibration"]]
+    if by_prompt and d.include_reported and not bench.reported(subsets).empty:
+        notes.append("reported rows: the released data holds per-prompt metrics, not per-image scores "
+                     "or probabilities, so their calibration (ECE, Brier) cannot be computed")
     from harness.evaluation.manifest import build_manifest
 
     title = f"{bench.id} leaderboard"
@@ -363,22 +385,40 @@ def _score(labels: pd.DataFrame, s: ScoringSection,
         list(s.models), labels["path"].tolist(), texts, device=s.device, dtype=s.dtype,
         cache=s.cache, batch_size=s.batch_size, progress=progress, executor=make_executor(s),
     )
+    # Categorical columns (integer codes into one list of distinct values), not a string per
+    # (model, image, prompt) row: a TIA2 TextNorm run is ~3.6M rows for four models.
+    def category(values: Any) -> tuple[np.ndarray, pd.Index]:
+        codes, uniques = pd.factorize(pd.Series(values, dtype=object), sort=False)
+        return codes.astype(np.int32), pd.Index(uniques, dtype=object)
+
+    sub_codes, sub_cats = category([str(v) for v in labels["subset"]])
+    prompt_codes, prompt_cats = category(labels["prompt"].tolist())
+    image_codes, image_cats = category(labels["image"].tolist())
+    text_codes_all, text_cats = category([t for ts in texts for t in ts])
+    bounds = np.cumsum([0, *(len(ts) for ts in texts)])
+    method_cats = pd.Index([scored.label for scored in results], dtype=object)
     frames, failed, info = [], {}, []
-    for scored in results:
+    for k, scored in enumerate(results):
         run = scored.run
         failed.update(run.failed)
-        ok = [i for i, v in enumerate(run.scores) if v is not None]
-        lengths = [len(texts[i]) for i in ok]
-        base = labels.iloc[ok][["subset", "prompt", "image"]]
-        frame = base.loc[base.index.repeat(lengths)].reset_index(drop=True)
-        frame["subset"] = frame["subset"].astype(str)
-        frame["method"] = scored.label
-        frame["column"] = np.concatenate([np.arange(n) for n in lengths]) if ok else []
-        frame["text"] = [t for i in ok for t in texts[i]]
-        frame["score"] = np.concatenate([run.scores[i] for i in ok]) if ok else []
-        frame["uncertainty"] = np.concatenate([
-            np.full(len(texts[i]), np.nan) if run.uncertainty[i] is None else run.uncertainty[i]
-            for i in ok]) if ok else []
+        ok = np.array([i for i, v in enumerate(run.scores) if v is not None], dtype=np.int64)
+        lengths = np.array([len(texts[i]) for i in ok], dtype=np.int64)
+        rows = np.repeat(ok, lengths)
+        column = (np.concatenate([np.arange(n) for n in lengths]) if len(ok)
+                  else np.zeros(0, dtype=np.int64))
+        frame = pd.DataFrame({
+            "subset": pd.Categorical.from_codes(sub_codes[rows], sub_cats),
+            "prompt": pd.Categorical.from_codes(prompt_codes[rows], prompt_cats),
+            "image": pd.Categorical.from_codes(image_codes[rows], image_cats),
+            "method": pd.Categorical.from_codes(np.full(len(rows), k, dtype=np.int32), method_cats),
+            "column": column,
+            "text": pd.Categorical.from_codes(text_codes_all[bounds[rows] + column], text_cats),
+            "score": (np.concatenate([run.scores[i] for i in ok]) if len(ok)
+                      else np.zeros(0)),
+            "uncertainty": np.concatenate([
+                np.full(len(texts[i]), np.nan) if run.uncertainty[i] is None
+                else run.uncertainty[i] for i in ok]) if len(ok) else np.zeros(0),
+        })
         frames.append(frame)
         info.append(scored.manifest())
     return pd.concat(frames, ignore_index=True), failed, info
@@ -408,14 +448,14 @@ def make_executor(s: ScoringSection) -> Any:
 def _calibrated_rows(
     scores: pd.DataFrame, labels: pd.DataFrame, jobs: list[tuple[str, list[str]]],
     c: CalibrationSection, *, seed: int,
-) -> tuple[list[pd.DataFrame], list[dict[str, Any]]]:
+) -> tuple[list[pd.DataFrame], list[dict[str, Any]], list[pd.DataFrame]]:
     from harness.evaluation.calibration import ContrastiveScores, calibrate
 
     catalog = get_plugins().normalizers
     merged = scores.merge(labels[["subset", "prompt", "image", "binary", "graded"]].assign(
         subset=labels["subset"].astype(str)), on=["subset", "prompt", "image"], how="left")
     merged = merged.rename(columns={"method": "model"})
-    parts, record = [], []
+    parts, record, per_image = [], [], []
     for subset, frame in merged.groupby("subset", sort=False):
         tensor = ContrastiveScores.from_long(frame, subset)
         if c.standardize:
@@ -429,12 +469,31 @@ def _calibrated_rows(
             pp = result.per_prompt.assign(subset=subset, method=label,
                                           source="oracle" if result.selection == "oracle" else "scored")
             parts.append(pp.merge(counts, on="prompt", how="left"))
+            if result.scores is not None:
+                p_idx, i_idx = np.nonzero(tensor.image_mask)
+                per_image.append(pd.DataFrame({
+                    "subset": subset, "image": [tensor.images[p][i] for p, i in zip(p_idx, i_idx, strict=True)],
+                    "method": label, "source": pp["source"].iloc[0] if len(pp) else "scored",
+                    "score": result.scores[p_idx, i_idx],
+                    "native": bool(catalog.get(name).outputs_probability)}))
             record.append({"subset": subset, "method": label, "prompts": c.prompts,
                            "selection": result.selection, "standardize": c.standardize,
                            "summary": result.summary(), "chosen": result.chosen})
             if catalog.get(name).uses_uncertainty:
                 record[-1]["without_uncertainty"] = [m for m in group if m not in tensor.uncertainty]
-    return parts, record
+    return parts, record, per_image
+
+
+def _class_says_probability(info: dict[str, Any]) -> bool:
+    """Whether a scored model's class declares probability scores (an instance may say otherwise
+    in its describe(), e.g. BLIP-2 by mode)."""
+    from harness.scoring.specs import parse_model_spec
+
+    try:
+        name = parse_model_spec(str(info.get("spec") or info.get("id"))).name
+        return bool(get_plugins().reward_models.get(name).score_is_probability)
+    except HarnessError:
+        return False
 
 
 def compare_with_reported(

@@ -165,6 +165,75 @@ def win_probabilities(diff: np.ndarray, wins: np.ndarray, groups: np.ndarray, k:
                         groups, "platt", k=k, seed=seed)
 
 
+def calibration_table(protocol: Any, labels: Any, pairs: Any, per_image: Any, *, bins: int = 10,
+                      mapping: str = "platt", n_boot: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> tuple[Any, list[str]]:
+    """Calibration of every method with per-image scores, one row per (subset, method, source):
+    ``ece``, ``ece_ci``, ``brier``, ``brier_ci`` and ``calibration`` (``{"mapping": native | platt
+    | isotonic, "n_bins", "bins": [[mean p, mean y, n], ...]}``: the reliability diagram's points),
+    and notes on what could not be computed.
+
+    :param per_image: columns ``subset, image, method, source, score, native`` (``native``: the
+        score is already a probability).
+    """
+    import pandas as pd
+
+    columns = ["subset", "method", "source", "ece", "ece_ci", "brier", "brier_ci", "calibration"]
+    rows, notes = [], []
+    keys = ["subset", "method", "source"]
+    if protocol.family == "preference":
+        if pairs is None or pairs.empty:
+            return pd.DataFrame(columns=columns), notes
+        from harness.evaluation.protocols import score_pairs
+
+        for (subset, method, source), group in per_image.groupby(keys, sort=False):
+            mine = score_pairs(pairs[pairs["subset"].astype(str) == subset], group)
+            if "split" in mine:
+                mine = mine[mine["split"] == "test"]
+            mine = mine[mine["label"] != 0.5]
+            if mine["prompt_id"].nunique() < 2:
+                continue
+            diff = (mine["score_a"] - mine["score_b"]).to_numpy(np.float64)
+            wins = (mine["label"] == 1.0).to_numpy(np.float64)
+            groups = mine["prompt_id"].astype(str).to_numpy()
+            p = win_probabilities(diff, wins, groups, seed=seed)
+            row = calibration_row(p, wins, groups, bins=bins, n_boot=n_boot, seed=seed, confidence=confidence)
+            rows.append({"subset": subset, "method": method, "source": source, **_row(row, "platt", bins)})
+        if rows:
+            notes.append(f"calibration: the win probability of image A, {describe('platt', bins)}, "
+                         "against the human choice on untied pairs")
+        return pd.DataFrame(rows, columns=columns), notes
+    labelled = labels[["subset", "image", "prompt", "binary"]].assign(subset=labels["subset"].astype(str))
+    if "split" in labels:
+        labelled = labelled[labels["split"].to_numpy() == "test"]
+    if labelled["binary"].isna().all():
+        notes.append("calibration (ECE, Brier) needs binary per-image labels, which this benchmark has "
+                     "not: not computed")
+        return pd.DataFrame(columns=columns), notes
+    used = set()
+    for (subset, method, source), group in per_image.groupby(keys, sort=False):
+        frame = group.merge(labelled, on=["subset", "image"]).dropna(subset=["binary"])
+        if frame["prompt"].nunique() < 2:
+            continue
+        y = frame["binary"].to_numpy(np.float64)
+        s = frame["score"].to_numpy(np.float64)
+        groups = frame["prompt"].astype(str).to_numpy()
+        native = bool(group["native"].iloc[0]) and bool(((s >= 0) & (s <= 1)).all())
+        how = "native" if native else mapping
+        p = s if native else cross_fitted(s, y, groups, mapping, seed=seed)
+        row = calibration_row(p, y, groups, bins=bins, n_boot=n_boot, seed=seed, confidence=confidence)
+        rows.append({"subset": subset, "method": method, "source": source, **_row(row, how, bins)})
+        used.add(how)
+    for how in sorted(used):
+        notes.append(f"calibration ({how}): {describe(how, bins)}")
+    return pd.DataFrame(rows, columns=columns), notes
+
+
+def _row(row: dict[str, Any], how: str, bins: int) -> dict[str, Any]:
+    return {"ece": row["ece"], "ece_ci": row["ece_ci"], "brier": row["brier"], "brier_ci": row["brier_ci"],
+            "calibration": {"mapping": how, "n_bins": bins, "bins": row["reliability"]}}
+
+
 def describe(source: str, bins: int) -> str:
     what = {"native": "the method's own probability", "platt": "a Platt (logistic) mapping",
             "isotonic": "an isotonic mapping"}.get(source, source)
@@ -173,4 +242,5 @@ def describe(source: str, bins: int) -> str:
 
 
 __all__: Sequence[str] = ("ece", "brier", "reliability", "platt_fit", "isotonic_fit", "isotonic_apply",
-                          "cross_fitted", "calibration_row", "win_probabilities", "describe")
+                          "cross_fitted", "calibration_row", "calibration_table", "win_probabilities",
+                          "describe")

@@ -1,8 +1,10 @@
 """Writing and rendering a leaderboard run folder.
 
-A run folder holds ``manifest.json``, ``leaderboard.{json,csv,md,html}``, ``per_prompt.csv`` and
-``plots/<metric>.png``; with scored reward models also ``scores.parquet`` (one row per model,
-image and prompt) and ``comparisons.csv`` (paired bootstrap against the reported rows). Every file is written atomically, and only after all numbers are
+A run folder holds ``manifest.json``, ``leaderboard.{json,csv,md,html}``, ``per_prompt.csv``,
+``plots/<metric>.png`` and ``report/`` (the HTML report, :mod:`harness.evaluation.html_report`);
+with scored reward models also ``scores.parquet`` (one row per model, image and prompt),
+``labels.parquet`` (the evaluated images' human labels and paths) and ``comparisons.csv`` (paired
+bootstrap against the reported rows). Every file is written atomically, and only after all numbers are
 computed, so a failed run never leaves a half-written file or clobbers an earlier one.
 
 ``leaderboard.json`` schema: a list of rows, each
@@ -37,6 +39,7 @@ METRIC_LABELS = {
     "auroc": "AUROC", "auprc": "AUPRC", "ap5": "AP@5", "ap10": "AP@10", "ap25": "AP@25",
     "spearman": "Spearman", "kendall": "Kendall", "pearson": "Pearson",
     "pairwise_acc": "Pairwise acc", "accuracy": "Accuracy", "accuracy_ties_dropped": "Acc (no ties)",
+    "ece": "ECE (lower better)", "brier": "Brier (lower better)",
 }
 #: Every metric a row can carry, in table order.
 ALL_METRICS = tuple(METRIC_LABELS)
@@ -155,8 +158,10 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path, confidence: float = 0.95) -> 
                 xs.append(j - 0.4 + width * (i + 0.5))
                 ys.append(val)
                 ok = isinstance(ci, (list, tuple)) and not any(c is None or pd.isna(c) for c in ci)
-                lo.append(val - ci[0] if ok else 0.0)
-                hi.append(ci[1] - val if ok else 0.0)
+                # A point estimate may fall outside its percentile interval (ECE is biased):
+                # whiskers then start at the estimate.
+                lo.append(max(val - ci[0], 0.0) if ok else 0.0)
+                hi.append(max(ci[1] - val, 0.0) if ok else 0.0)
             ax.bar(xs, ys, width=width, color=cmap(i % 10), label=label,
                    yerr=np.array([lo, hi]), capsize=2, ecolor="black")
         ax.set_xticks(range(len(subsets)), subsets)
@@ -170,7 +175,49 @@ def plot_rows(rows: pd.DataFrame, plots_dir: Path, confidence: float = 0.95) -> 
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
         written.append(path)
-    return written
+    reliability = plot_reliability(rows, plots_dir)
+    return written + ([reliability] if reliability else [])
+
+
+def plot_reliability(rows: pd.DataFrame, plots_dir: Path) -> Path | None:
+    """``plots/reliability.png``: per subset, every calibrated method's reliability points
+    (mean predicted probability vs fraction labelled aligned, per equal-mass bin) and the
+    diagonal of perfect calibration. None when no row carries calibration."""
+    if "calibration" not in rows.columns:
+        return None
+    calibrated = rows[[isinstance(c, dict) and bool(c.get("bins")) for c in rows["calibration"]]]
+    if calibrated.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    subsets = list(dict.fromkeys(calibrated["subset"]))
+    fig, axes = plt.subplots(1, len(subsets), figsize=(4.2 * len(subsets) + 2.5, 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    labels = list(dict.fromkeys(f"{m} ({s})" for m, s in zip(calibrated["method"], calibrated["source"], strict=True)))
+    for ax, subset in zip(axes[0], subsets, strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        for _, r in calibrated[calibrated["subset"] == subset].iterrows():
+            label = f"{r['method']} ({r['source']})"
+            points = r["calibration"]["bins"]
+            ax.plot([b[0] for b in points], [b[1] for b in points], marker="o", markersize=3,
+                    color=cmap(labels.index(label) % 10),
+                    label=f"{label}: ECE {r['ece']:.3f} ({r['calibration']['mapping']})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted probability (bin mean)")
+        ax.set_ylabel("fraction labelled aligned")
+        ax.set_title(str(subset))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path = plots_dir / "reliability.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -250,6 +297,9 @@ def write_multi_run(out: str | Path, multi: Any, plots: bool = True, force: bool
         write_text(staging / "summary.html", render_summary_html(summary, multi.notes, multi.title,
                                                                 multi.confidence))
         write_json(staging / "manifest.json", multi.manifest)
+        from harness.evaluation.html_report import write_summary_report
+
+        write_summary_report(staging)  # report/index.html: the summary, linking each benchmark's
         _swap_in(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -375,7 +425,15 @@ def _write_files(out: Path, result: LeaderboardResult, plots: bool) -> None:
         write_text(out / "comparisons.csv", result.comparisons.to_csv(index=False))
     if plots:
         plot_rows(result.rows, out / "plots", confidence)
-    write_json(out / "manifest.json", result.manifest)  # last: it marks a run folder
+    if result.scores is not None:  # the image pages' labels and paths, so the report needs no data
+        from harness.evaluation.html_report import LABELS_FILE, image_labels
+
+        with atomic_path(out / LABELS_FILE) as tmp:
+            image_labels(result.manifest, result.scores).to_parquet(tmp, index=False)
+    write_json(out / "manifest.json", result.manifest)  # it marks a run folder
+    from harness.evaluation.html_report import write_report
+
+    write_report(out)  # from the files above: report/index.html, and image pages with scores
 
 
 _RUN_FOLDER = "give a folder written by harness leaderboard"
