@@ -1,5 +1,6 @@
-"""The SQLite score cache: damaged, foreign, newer, read-only and full files are one-line errors
-naming the file and the fix; a failed write loses no earlier row; concurrent writers are safe."""
+"""The SQLite score cache: damaged, foreign, newer, older (version 1), read-only and full files are
+one-line errors naming the file and the fix; a failed write loses no earlier row; concurrent
+writers are safe."""
 
 from __future__ import annotations
 
@@ -30,8 +31,15 @@ def one_line(exc_info) -> str:
 
 def real_cache(path: Path, n: int = 3000) -> bytes:
     with ScoreCache(path) as cache:
-        cache.put("m", rows(0, n, prompt="a rather long prompt " * 4))
+        for p in range(4):
+            cache.put("m", rows(0, n, prompt=f"a rather long prompt {p} " * 4))
     return path.read_bytes()
+
+
+def store(path: Path, batch) -> None:
+    """Open, store one batch, close (the writer thread commits before ``close`` returns)."""
+    with ScoreCache(path) as cache:
+        cache.put("m", batch)
 
 
 # -- damaged files --------------------------------------------------------------------------------
@@ -103,28 +111,59 @@ def test_a_newer_schema_version_is_refused(tmp_path):
     path = tmp_path / "scores.sqlite"
     real_cache(path, 10)
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
     with pytest.raises(HarnessError) as err:
         open_score_cache(path)
-    assert one_line(err) == (f"score cache {path} was written by a newer t2i-harness (schema version 2; "
-                             f"this one reads 1): upgrade t2i-harness, or {FIX}")
+    assert one_line(err) == (f"score cache {path} was written by a newer t2i-harness (schema version 3; "
+                             f"this one reads 2): upgrade t2i-harness, or {FIX}")
 
 
-def test_a_cache_of_an_older_harness_is_adopted(tmp_path):
-    # What the harness wrote before caches carried an application id and a schema version.
+V1_TABLE = ("CREATE TABLE IF NOT EXISTS scores (model TEXT NOT NULL, image TEXT NOT NULL, prompt "
+            "TEXT NOT NULL, score REAL NOT NULL, PRIMARY KEY (model, image, prompt)) WITHOUT ROWID")
+
+
+@pytest.mark.parametrize("stamp", [[], [f"PRAGMA application_id = {APPLICATION_ID}",
+                                        "PRAGMA user_version = 1"]])
+def test_a_version_1_cache_is_refused_untouched_naming_the_fix(tmp_path, stamp):
+    # Version 1 (one row of strings per score), as the harness wrote it before and after caches
+    # carried an application id and a schema version.
     path = tmp_path / "scores.sqlite"
-    foreign(path, "PRAGMA journal_mode=WAL",
-            "CREATE TABLE IF NOT EXISTS scores (model TEXT NOT NULL, image TEXT NOT NULL, prompt TEXT "
-            "NOT NULL, score REAL NOT NULL, PRIMARY KEY (model, image, prompt)) WITHOUT ROWID",
-            "INSERT INTO scores VALUES ('m', 'img', 'a cat', 0.25)")
+    before = foreign(path, "PRAGMA journal_mode=WAL", V1_TABLE, *stamp,
+                     "INSERT INTO scores VALUES ('m', 'img', 'a cat', 0.25)")
+    with pytest.raises(HarnessError) as err:
+        ScoreCache(path)
+    assert one_line(err) == (
+        f"score cache {path} was written by an older t2i-harness (schema version 1, one row of "
+        f"text per score; this one reads 2): delete it (with its -wal and -shm files) to start a "
+        f"compact cache, or {FIX}")
+    assert path.read_bytes() == before
+    path.unlink()  # the fix works
+    with ScoreCache(path) as cache:
+        cache.put("m", [("img", "a cat", 0.25)])
     with ScoreCache(path) as cache:
         assert cache.get("m", ["img"]) == {("img", "a cat"): 0.25}
         assert cache.read("PRAGMA application_id")[0][0] == APPLICATION_ID
-        assert cache.read("PRAGMA user_version")[0][0] == 1
-    with ScoreCache(path) as cache:  # and opens again as a current cache
-        assert cache.count() == 1
+        assert cache.read("PRAGMA user_version")[0][0] == 2
+
+
+@pytest.mark.parametrize("case, sql, detail", [
+    ("a table of ours dropped", ["DROP TABLE prompt_sets"],
+     "(tables models, prompts, scores)"),
+    ("a table of ours with other columns", ["DROP TABLE prompts", "CREATE TABLE prompts (x TEXT)"],
+     "(its table 'prompts' has columns (x TEXT))"),
+    ("our tables, unstamped", ["PRAGMA application_id = 0"],
+     "(tables models, prompt_sets, prompts, scores)"),
+])
+def test_a_changed_cache_of_ours_is_refused_untouched(tmp_path, case, sql, detail):
+    path = tmp_path / "scores.sqlite"
+    store(path, rows(0, 10))
+    before = foreign(path, *sql)
+    with pytest.raises(HarnessError) as err:
+        ScoreCache(path)
+    assert one_line(err) == f"score cache {path} is not a score cache of this harness {detail}: {FIX}"
+    assert path.read_bytes() == before
 
 
 # -- read-only files and folders ------------------------------------------------------------------
@@ -191,9 +230,9 @@ def test_read_only_file_and_folder(shared_dir):
     # The same files, writable: they open and score.
     locked.chmod(0o777)
     ro_file.chmod(0o666)
-    assert unprivileged(lambda: ScoreCache(ro_file).put("m", rows(100, 5))) == "ok"
-    assert unprivileged(lambda: ScoreCache(writable).put("m", rows(100, 5))) == "ok"
-    assert ScoreCache(ro_file).count() == ScoreCache(writable).count() == 15
+    assert unprivileged(lambda: store(ro_file, rows(100, 5))) == "ok"
+    assert unprivileged(lambda: store(writable, rows(100, 5))) == "ok"
+    assert ScoreCache(ro_file).count() == ScoreCache(writable).count() == 4 * 10 + 5
 
 
 # -- failed writes --------------------------------------------------------------------------------
@@ -202,12 +241,14 @@ def test_a_full_disk_rolls_back_the_batch_and_keeps_earlier_rows(tmp_path):
     cache = ScoreCache(path)
     cache.put("m", rows(0, 200))
     cache.put("m", rows(200, 200))
+    cache.flush()
     pages = cache.read("PRAGMA page_count")[0][0]
     # SQLite's own "database or disk is full" (SQLITE_FULL), as on a full disk: the file may grow
-    # by one page, and the next batch needs several.
-    cache.conn.execute(f"PRAGMA max_page_count = {pages + 1}")
+    # by one page, and the next batch needs several. The writer thread's connection writes.
+    cache.wconn.execute(f"PRAGMA max_page_count = {pages + 1}")
+    cache.put("m", rows(400, 2000, prompt="a long prompt about a cat " * 3))  # queued
     with pytest.raises(HarnessError) as err:
-        cache.put("m", rows(400, 2000, prompt="a long prompt about a cat " * 3))
+        cache.flush()  # the writer's failure, raised in the caller
     assert one_line(err) == (
         f"score cache {path} ran out of disk space while storing a batch of scores (that batch "
         f"was rolled back; scores stored before it are kept): free space, or {FIX}")
@@ -215,7 +256,7 @@ def test_a_full_disk_rolls_back_the_batch_and_keeps_earlier_rows(tmp_path):
     kept = cache.get("m", [f"img{i:05d}" for i in range(2400)])
     assert kept == {(image, prompt): score for image, prompt, score in rows(0, 400)}
     # Space again: the same connection writes, and a fresh one sees everything.
-    cache.conn.execute("PRAGMA max_page_count = 1073741823")
+    cache.wconn.execute("PRAGMA max_page_count = 1073741823")
     cache.put("m", rows(400, 10))
     cache.close()
     with ScoreCache(path) as again:

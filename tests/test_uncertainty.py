@@ -145,7 +145,8 @@ def test_cache_restores_uncertainty(images, tmp_path):
     assert cache.count(first.cache_key + "#std") == 12
     # Scores without their deviations (a run stopped between the two writes) are recomputed.
     with cache.transaction() as conn:
-        conn.execute("DELETE FROM scores WHERE model = ?", (first.cache_key + "#std",))
+        conn.execute("DELETE FROM scores WHERE model = (SELECT id FROM models WHERE key = ?)",
+                     (first.cache_key + "#std",))
     third = score_images(Noisy(), images, prompts, cache=cache)
     assert third.computed == 12 and all(u is not None for u in third.uncertainty)
     # score_models carries it too.

@@ -284,6 +284,7 @@ def _cache_path(cache: str | bool) -> str | None:
         return None
     if cache is True:
         from harness.io import cache_dir
+        from harness.scoring.cache import DEFAULT_CACHE_NAME
 
-        return str(cache_dir() / "scores.sqlite")
+        return str(cache_dir() / DEFAULT_CACHE_NAME)
     return str(cache)

@@ -240,7 +240,7 @@ def model_options(fn):
         click.option("--workers", default=0, show_default=True,
                      type=click.IntRange(0, MAX_PROCESSES), help="Data-loader worker processes."),
         click.option("--cache", type=PathArg(output=True, dir_okay=False), default=None,
-                     help="Score cache (SQLite; default: <user cache>/scores.sqlite)."),
+                     help="Score cache (SQLite; default: <user cache>/scores-v2.sqlite)."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the score cache."),
         click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                      help="Score in this process or on a Ray cluster."),
