@@ -134,6 +134,11 @@ class RewardModel(ABC):
     score_is_probability: ClassVar[bool] = False
     #: :meth:`score` returns ``[P, 2]`` per image (score, its standard deviation >= 0).
     reports_uncertainty: ClassVar[bool] = False
+    #: ``"dual"``: a dual encoder (CLIP-like). :meth:`embed_images` returns one embedding row per
+    #: image (``[B, D]``) and :meth:`score` needs nothing else of the image, so the core keeps
+    #: the rows in an embedding store beside the score cache and scores new prompts against
+    #: them without decoding the image again (:meth:`features_from_embeddings`). None: no store.
+    embedding_kind: ClassVar[str | None] = None
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu", dtype: str = "float32"):
         self.checkpoint = checkpoint or self.default_checkpoint
@@ -161,6 +166,13 @@ class RewardModel(ABC):
         """Features of ``B`` images and ``B`` prompt lists -> ``B`` float arrays of scores (an
         :class:`ImageFailure` in place of the array of an image that could not be scored):
         ``[P]`` each, or ``[P, 2]`` (score, standard deviation) when :attr:`reports_uncertainty`."""
+
+    def features_from_embeddings(self, embeddings: Any) -> Any:
+        """Stored image embeddings (float32 numpy ``[B, D]``, rows of :meth:`embed_images`) ->
+        what :meth:`score` takes; dual encoders only. Default: a torch tensor on :attr:`device`."""
+        import torch
+
+        return torch.from_numpy(embeddings).to(self.device)
 
     def files(self) -> list[Path]:
         """Every local file the model loaded (weights, configs, tokenizer, processor).

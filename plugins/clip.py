@@ -53,6 +53,8 @@ class CLIPReward(RewardModel):
     preprocessing_version: ClassVar[str] = "3"
     score_name: ClassVar[str] = "cosine"
     text_cache_size: ClassVar[int] = 65536
+    #: image embeddings [B, D] meet text embeddings in score(): the core stores the image rows
+    embedding_kind: ClassVar[str | None] = "dual"
 
     def __init__(
         self,

@@ -418,6 +418,8 @@ class HPSv2(RewardModel):
     default_checkpoint: ClassVar[str] = HUB_REPO
     preprocessing_version: ClassVar[str] = "1"
     text_cache_size: ClassVar[int] = 65536
+    #: image embeddings [B, D] meet text embeddings in score(): the core stores the image rows
+    embedding_kind: ClassVar[str | None] = "dual"
     card: ClassVar[ModelCard] = ModelCard(
         checkpoint=f"{HUB_REPO} ({VERSIONS[DEFAULT_VERSION]})",
         revision=HUB_REVISION,

@@ -89,7 +89,7 @@ class ContrastiveScores:
         raw, spread = {}, {}
         for model, g in frame.groupby("model", sort=False):
             arr = np.zeros((P, N, K))
-            p = g["prompt"].map(index).to_numpy()
+            p = np.array([index[x] for x in g["prompt"]], dtype=np.int64)  # categorical-safe
             i = np.array([image_pos[(a, b)] for a, b in zip(g["prompt"], g["image"], strict=True)])
             k = g["column"].to_numpy()
             arr[p, i, k] = g["score"].to_numpy(dtype=np.float64)

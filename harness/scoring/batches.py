@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+import harness.images as _images
 from harness.images import open_image
 from harness.types import ImageFailure, RewardModel
 
-__all__ = ["ImageDataset", "collate", "collate_items", "decode_and_preprocess", "open_image",
-           "run_with_backoff"]
+__all__ = ["ImageDataset", "MultiImageDataset", "collate", "collate_items", "collate_multi",
+           "decode_and_preprocess", "open_image", "run_with_backoff"]
 
 log = logging.getLogger("harness.scoring")
 
@@ -32,9 +33,66 @@ log = logging.getLogger("harness.scoring")
 def decode_and_preprocess(path: str | Path, preprocess: Any) -> tuple[Any, str | None]:
     """``(preprocessed input, None)`` or ``(None, "ErrorType: message")`` for one image file."""
     try:
-        return preprocess(open_image(path)), None
+        return preprocess(_images.open_image(path)), None
     except Exception as exc:  # noqa: BLE001 - any decode failure names the file
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def decode_for_models(path: str | Path, preprocessors: Sequence[Any | None]
+                      ) -> tuple[list[Any], list[str | None]]:
+    """Decode one image file once and apply each model's preprocessing to it (None: that model
+    does not need this image). Returns the inputs and, per model, None or ``"ErrorType: message"``
+    (a decode failure is every needing model's failure; a preprocessing failure only its own)."""
+    need = [k for k, pre in enumerate(preprocessors) if pre is not None]
+    inputs: list[Any] = [None] * len(preprocessors)
+    errors: list[str | None] = [None] * len(preprocessors)
+    if not need:
+        return inputs, errors
+    try:
+        image = _images.open_image(path)
+    except Exception as exc:  # noqa: BLE001 - any decode failure names the file
+        why = f"{type(exc).__name__}: {exc}"
+        for k in need:
+            errors[k] = why
+        return inputs, errors
+    for k in need:
+        try:
+            inputs[k] = preprocessors[k](image)
+        except Exception as exc:  # noqa: BLE001
+            errors[k] = f"{type(exc).__name__}: {exc}"
+    return inputs, errors
+
+
+class MultiImageDataset:
+    """Map-style dataset for one pass of several models: index -> (index, inputs per model,
+    errors per model); ``needs[k]`` is the set of indices model ``k`` must score."""
+
+    def __init__(self, paths: Sequence[str], preprocessors: Sequence[Any],
+                 needs: Sequence[set[int]]):
+        self.paths = list(paths)
+        self.preprocessors = list(preprocessors)
+        self.needs = [set(n) for n in needs]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, list[Any], list[str | None]]:
+        pres = [pre if i in need else None for pre, need in zip(self.preprocessors, self.needs,
+                                                                strict=True)]
+        inputs, errors = decode_for_models(self.paths[i], pres)
+        return i, inputs, errors
+
+
+def collate_multi(items: list[tuple[int, list[Any], list[str | None]]], models: int
+                  ) -> list[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """Items of :class:`MultiImageDataset` -> per model ``(indices, batch, failures)`` (indices
+    of the images that model needed)."""
+    out = []
+    for k in range(models):
+        ok = [(i, xs[k]) for i, xs, errs in items if xs[k] is not None and errs[k] is None]
+        bad = [(i, errs[k]) for i, _, errs in items if errs[k] is not None]
+        out.append(([i for i, _ in ok], collate([x for _, x in ok]) if ok else None, bad))
+    return out
 
 
 class ImageDataset:
@@ -93,9 +151,18 @@ def _to_numpy(x: Any) -> Any:
     return x
 
 
-def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]]
+def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]],
+                     on_features: Any = None, offset: int = 0
                      ) -> list[np.ndarray | ImageFailure]:
     features = model.embed_images(batch)
+    if on_features is not None:  # a dual encoder's image embeddings, for the embedding store
+        on_features(offset, features)
+    return score_features(model, features, prompts)
+
+
+def score_features(model: RewardModel, features: Any, prompts: list[list[str]]
+                   ) -> list[np.ndarray | ImageFailure]:
+    """``model.score`` on image features -> float64 ``[P]`` (or ``[P, 2]``) per image."""
     # A model that reports uncertainty gives [P, 2] (score, standard deviation): kept as is, and
     # checked by the plan; others are flattened to [P].
     keep = bool(getattr(type(model), "reports_uncertainty", False))
@@ -105,9 +172,12 @@ def _embed_and_score(model: RewardModel, batch: Any, prompts: list[list[str]]
             for s in model.score(features, prompts)]
 
 
-def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]
+def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]],
+                     on_features: Any = None, offset: int = 0
                      ) -> list[np.ndarray | ImageFailure]:
     """Score a batch; on out-of-memory, split it in halves and retry (down to one image).
+    ``on_features(offset, features)``, if given, receives the image features of rows
+    ``offset..offset+len(features)`` of the original batch (the embedding store's hook).
 
     An image the model could not score comes back as its :class:`~harness.types.ImageFailure`.
 
@@ -115,7 +185,7 @@ def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]
     forward pass's tensors alive and the smaller batches would run out of memory too.
     """
     try:
-        return _embed_and_score(model, batch, prompts)
+        return _embed_and_score(model, batch, prompts, on_features, offset)
     except Exception as exc:
         if not _is_oom(exc) or len(prompts) == 1:
             raise
@@ -130,6 +200,6 @@ def run_with_backoff(model: RewardModel, batch: Any, prompts: list[list[str]]
     n = len(prompts)
     half = n // 2
     log.warning("out of memory at batch size %d; retrying with %d", n, half)
-    return run_with_backoff(model, _slice(batch, 0, half), prompts[:half]) + run_with_backoff(
-        model, _slice(batch, half, n), prompts[half:]
-    )
+    return (run_with_backoff(model, _slice(batch, 0, half), prompts[:half], on_features, offset)
+            + run_with_backoff(model, _slice(batch, half, n), prompts[half:], on_features,
+                               offset + half))

@@ -9,7 +9,7 @@ cluster).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -82,8 +82,51 @@ class LocalExecutor:
         )
         for local_ids, batch, bad in loader:
             ids = [plan.todo[j] for j in local_ids]
-            results = run_with_backoff(model, batch, [plan.prompts[i] for i in ids]) if ids else []
+            results = (run_with_backoff(model, batch, [plan.prompts[i] for i in ids],
+                                        plan.feature_sink(ids)) if ids else [])
             yield ids, results, [(plan.todo[j], err) for j, err in bad]
+
+    def batches_multi(self, models: Sequence[RewardModel], plans: Sequence[ScorePlan],
+                      batch_size: int) -> Iterator[tuple[int, list[int], list[Any],
+                                                         list[tuple[int, str]]]]:
+        """One pass over the images for several models (same paths and prompts in every plan):
+        each image any model still needs is read and decoded once, in order, and each needing
+        model's preprocessing applied to it; yields ``(model index, ids, results, failures)``.
+
+        ``batch_size`` images are decoded per step, so a model that needs only some of them gets
+        smaller batches (scores do not depend on the batch).
+        """
+        from functools import partial
+
+        from torch.utils.data import DataLoader
+
+        from harness.scoring.batches import MultiImageDataset, collate_multi, run_with_backoff
+
+        needs = [set(plan.todo) for plan in plans]
+        union = sorted(set().union(*needs))
+        if not union:
+            return
+        pin_memory = self.pin_memory
+        if pin_memory is None:
+            pin_memory = any(str(getattr(m, "device", "cpu")).startswith("cuda") for m in models)
+        position = {i: j for j, i in enumerate(union)}
+        dataset = MultiImageDataset([plans[0].paths[i] for i in union],
+                                    [m.preprocessor() for m in models],
+                                    [{position[i] for i in need} for need in needs])
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                            num_workers=self.num_workers,
+                            collate_fn=partial(collate_multi, models=len(models)),
+                            pin_memory=pin_memory, persistent_workers=False)
+        for per_model in loader:
+            for k, (local_ids, batch, bad) in enumerate(per_model):
+                ids = [union[j] for j in local_ids]
+                failures = [(union[j], err) for j, err in bad]
+                if not ids and not failures:
+                    continue
+                plan = plans[k]
+                results = (run_with_backoff(models[k], batch, [plan.prompts[i] for i in ids],
+                                            plan.feature_sink(ids)) if ids else [])
+                yield k, ids, results, failures
 
     def __repr__(self) -> str:
         return f"LocalExecutor(num_workers={self.num_workers}, pin_memory={self.pin_memory})"

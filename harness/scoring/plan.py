@@ -45,6 +45,7 @@ from harness.types import ImageFailure
 
 if TYPE_CHECKING:
     from harness.scoring.cache import ScoreCache
+    from harness.scoring.embeddings import EmbeddingStore
     from harness.scoring.specs import ModelSpec
     from harness.types import RewardModel
 
@@ -262,6 +263,17 @@ def _model_name(model: Any) -> str:
     return getattr(model, "id", type(model).__name__)
 
 
+def hash_images(paths: Sequence[str]) -> list[tuple[str | None, str | None]]:
+    """``(content hash, None)`` or ``(None, "ErrorType: why")`` per image file."""
+    out: list[tuple[str | None, str | None]] = []
+    for p in paths:
+        try:
+            out.append((file_sha256(p), None))
+        except OSError as exc:
+            out.append((None, f"{type(exc).__name__}: {exc.strerror or exc}"))
+    return out
+
+
 # -- the plan ---------------------------------------------------------------------------------
 class ScorePlan:
     """What a scoring run must compute, and the bookkeeping shared by every executor.
@@ -274,7 +286,9 @@ class ScorePlan:
 
     def __init__(self, model: RewardModel, paths: Sequence[str | Path],
                  prompts: Sequence[Sequence[str]], cache: ScoreCache | None,
-                 spec: ModelSpec | None = None):
+                 spec: ModelSpec | None = None, *,
+                 hashes: Sequence[tuple[str | None, str | None]] | None = None,
+                 embeddings: EmbeddingStore | None = None):
         self.start = time.perf_counter()
         self.paths = [str(p) for p in paths]
         self.prompts = [list(p) for p in prompts]
@@ -289,13 +303,15 @@ class ScorePlan:
         self.reports_uncertainty = bool(getattr(type(model), "reports_uncertainty", False))
         self.run = ScoreRun(scores=[None] * len(self.paths), cache_key=self.key,
                             reports_uncertainty=self.reports_uncertainty)
+        if hashes is None:
+            hashes = hash_images(self.paths)
+        if len(hashes) != len(self.paths):
+            raise ValueError(f"{len(hashes)} image hashes for {len(self.paths)} images")
         self.hashes: list[str | None] = []
-        for p in self.paths:
-            try:
-                self.hashes.append(file_sha256(p))
-            except OSError as exc:
-                self.hashes.append(None)
-                self.run.failed[p] = f"{type(exc).__name__}: {exc.strerror or exc}"
+        for p, (h, err) in zip(self.paths, hashes, strict=True):
+            self.hashes.append(h)
+            if h is None:
+                self.run.failed[p] = err or "OSError: unreadable"
         self.todo: list[int] = []
         self._accepted: set[int] = set()
         known = [h for h in self.hashes if h is not None]
@@ -303,6 +319,9 @@ class ScorePlan:
         spread = cache.get(std_key(self.key), known) if cache and self.reports_uncertainty else {}
         for i, h in enumerate(self.hashes):
             if h is None:
+                continue
+            if not found and self.prompts[i]:  # nothing cached: no per-pair look-ups
+                self.todo.append(i)
                 continue
             got = [found.get((h, q)) for q in self.prompts[i]]
             std = [spread.get((h, q)) for q in self.prompts[i]] if self.reports_uncertainty else []
@@ -313,6 +332,32 @@ class ScorePlan:
                 self.run.cached += len(got)
             else:
                 self.todo.append(i)
+        # A dual encoder whose image rows are stored scores those images without decoding them.
+        self.embeddings = embeddings if getattr(type(model), "embedding_kind", None) == "dual" else None
+        #: ``(index, stored embedding [D])`` of images in no need of decoding.
+        self.stored: list[tuple[int, np.ndarray]] = []
+        if self.embeddings is not None and self.todo:
+            rows = self.embeddings.get(self.key, [self.hashes[i] for i in self.todo])
+            self.stored = [(i, rows[self.hashes[i]]) for i in self.todo if self.hashes[i] in rows]
+            if self.stored:
+                kept = {i for i, _ in self.stored}
+                self.todo = [i for i in self.todo if i not in kept]
+
+    def feature_sink(self, ids: Sequence[int]) -> Any:
+        """For the images ``ids`` of one batch: a ``(offset, features)`` callback storing their
+        image embeddings (:func:`~harness.scoring.batches.run_with_backoff`), or None."""
+        if self.embeddings is None:
+            return None
+        from harness.scoring.embeddings import features_to_rows
+
+        store, key, ids = self.embeddings, self.key, list(ids)
+
+        def sink(offset: int, features: Any) -> None:
+            rows = features_to_rows(features)
+            store.put(key, [(self.hashes[i], row)
+                            for i, row in zip(ids[offset:offset + len(rows)], rows, strict=True)])
+
+        return sink
 
     def split(self, i: int, values: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """One image's result -> ``(scores [P], standard deviations [P] or None)``, checked:
@@ -336,6 +381,8 @@ class ScorePlan:
                     f"reward model '{self.model_name}' returned {arr.shape[0]} scores for "
                     f"{n} prompts of image {self.paths[i]}"
                 )
+        if std is None and np.isfinite(arr).all():  # the common case, checked in one call
+            return arr, None
         for what, column in (("score", arr), ("standard deviation", std)):
             if column is None:
                 continue
@@ -353,7 +400,7 @@ class ScorePlan:
         return arr, std
 
     def accept(self, ids: Sequence[int], results: Sequence[np.ndarray | ImageFailure],
-               bad: Sequence[tuple[int, str]] = ()) -> None:
+               bad: Sequence[tuple[int, str]] = (), *, encoded: bool = True) -> None:
         """Record scores of images ``ids`` (indices into the run) and failures ``(index, why)``
         (an :class:`~harness.types.ImageFailure` in ``results`` is one too). A model that
         reports uncertainty gives ``[P, 2]`` per image (see :meth:`split`)."""
@@ -361,6 +408,7 @@ class ScorePlan:
             if i not in self._accepted:  # a retried task may deliver an image twice
                 self.run.failed[self.paths[i]] = err
         rows, std_rows = [], []
+        computed = 0
         for i, values in zip(ids, results, strict=True):
             if i in self._accepted:
                 continue  # a retried batch delivered twice: keep the first
@@ -372,19 +420,22 @@ class ScorePlan:
             self.run.uncertainty[i] = std
             self._accepted.add(i)
             self.run.failed.pop(self.paths[i], None)
-            rows.extend(zip([self.hashes[i]] * len(values), self.prompts[i], values.tolist(),
-                            strict=True))
-            if std is not None:
+            computed += len(values)
+            if self.cache is not None:
+                rows.extend(zip([self.hashes[i]] * len(values), self.prompts[i],
+                                values.tolist(), strict=True))
+            if std is not None and self.cache is not None:
                 std_rows.extend(zip([self.hashes[i]] * len(std), self.prompts[i], std.tolist(),
                                     strict=True))
-            self.run.encoded_images += 1
+            if encoded:  # not for images scored from stored embeddings
+                self.run.encoded_images += 1
         if self.cache is not None and rows:
             # The deviations first: a run stopped between the two writes finds scores without
             # deviations, which do not count as cached, and computes both again.
             if std_rows:
                 self.cache.put(std_key(self.key), std_rows)
             self.cache.put(self.key, rows)
-        self.run.computed += len(rows)
+        self.run.computed += computed
 
     def finish(self) -> ScoreRun:
         self.run.seconds = time.perf_counter() - self.start

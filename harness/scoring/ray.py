@@ -16,6 +16,12 @@ delivered twice by a retried task is recorded once. Actors and tasks lost with a
 by Ray (``max_restarts``/``max_task_retries``). A model class may declare ``ray_runtime_env``
 (pip requirements, environment variables) for its actors.
 
+Several models: this executor has no ``batches_multi``, so
+:func:`~harness.scoring.score_models` runs one model at a time through it (each model's read
+stage decodes the images again) rather than the local executor's one pass; a dual encoder's
+images already in the embedding store are scored on the driver from their stored rows, and rows
+computed by the actors are not stored.
+
 Ray is imported only when this executor is used.
 """
 

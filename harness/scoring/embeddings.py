@@ -1,0 +1,158 @@
+"""The embedding store: image embeddings of dual-encoder reward models (CLIP, PickScore, HPSv2).
+
+A model that declares :attr:`~harness.types.RewardModel.embedding_kind` ``"dual"`` returns one
+embedding row per image from ``embed_images`` and scores prompts against those rows alone. The
+core keeps each row, keyed by (model cache key, image content hash), in an SQLite file beside the
+score cache (``<cache>.embeddings.sqlite``). A new contrastive prompt set then costs text encodes
+(kept in the model's in-memory text cache) and a product with the stored rows: no image is read,
+decoded or encoded again. Rows are float32 (``embed_images``' own values: CLIP-family plugins
+return float32 unit vectors), so scores from stored rows are the scores a fresh run computes.
+
+Writes are buffered and committed a few thousand rows at a time by a writer thread, off the
+scoring thread (WAL mode, a busy timeout): a killed run keeps every row written before its last
+buffer (the scores themselves are in the score
+cache); two processes may share the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.errors import HarnessError
+
+_CREATE = ("CREATE TABLE IF NOT EXISTS image_embeddings (model TEXT NOT NULL, image TEXT NOT NULL, "
+           "dim INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (model, image)) WITHOUT ROWID")
+
+
+class EmbeddingStore:
+    """``(model key, image hash) -> float32 [D]`` in one SQLite file."""
+
+    flush_rows: int = 4096  #: rows buffered before a write
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self._buffer: list[tuple[str, str, int, bytes]] = []
+        self._lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(_CREATE)
+        except (OSError, sqlite3.Error) as exc:
+            raise HarnessError(
+                f"embedding store {self.path} cannot be opened ({exc}): delete it (it is rebuilt "
+                "from the images) or use another score cache"
+            ) from exc
+
+    def get(self, model: str, image_hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored rows of these images (absent ones are left out)."""
+        self.flush()
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            return self._get(model, image_hashes, out)
+
+    def _get(self, model: str, image_hashes: Sequence[str], out: dict[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+        hashes = list(dict.fromkeys(image_hashes))
+        for lo in range(0, len(hashes), 900):
+            chunk = hashes[lo:lo + 900]
+            marks = ",".join("?" * len(chunk))
+            for image, dim, data in self.conn.execute(
+                f"SELECT image, dim, data FROM image_embeddings WHERE model = ? AND image IN ({marks})",
+                [model, *chunk],
+            ):
+                row = np.frombuffer(data, dtype=np.float32)
+                if row.shape == (dim,):
+                    out[image] = row
+        return out
+
+    def put(self, model: str, rows: Iterable[tuple[str, Any]]) -> None:
+        """Store ``(image hash, embedding [D])`` rows: buffered, written in one transaction per
+        :attr:`flush_rows` rows and on :meth:`flush`/:meth:`close` (the rows are a cache of
+        work the score cache already holds: a killed run loses at most one buffer of them)."""
+        for image, emb in rows:
+            arr = np.ascontiguousarray(np.asarray(emb, dtype=np.float32).reshape(-1))
+            self._buffer.append((model, image, int(arr.shape[0]), arr.tobytes()))
+        if len(self._buffer) >= self.flush_rows:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the buffered rows to the writer thread (one transaction)."""
+        items, self._buffer = self._buffer, []
+        if not items:
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="embedding store")
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        self._pending.append(self._writer.submit(self._write, items))
+
+    def _write(self, items: list[tuple[str, str, int, bytes]]) -> None:
+        with self._lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO image_embeddings VALUES (?, ?, ?, ?)", items)
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise HarnessError(f"embedding store {self.path}: write failed ({exc}): free "
+                                   "disk space or use another score cache") from exc
+
+    def flush(self) -> None:
+        """Write the buffered rows and wait for every write; a failed write is raised here."""
+        self._submit()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def count(self, model: str | None = None) -> int:
+        self.flush()
+        with self._lock:
+            if model is None:
+                return int(self.conn.execute("SELECT COUNT(*) FROM image_embeddings").fetchone()[0])
+            return int(self.conn.execute("SELECT COUNT(*) FROM image_embeddings WHERE model = ?",
+                                         (model,)).fetchone()[0])
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self.conn.close()
+
+
+def embedding_store_for(cache: Any) -> EmbeddingStore | None:
+    """The store beside a score cache (``<cache file>.embeddings.sqlite``), or None without a
+    file-backed cache."""
+    path = getattr(cache, "path", None)
+    if cache is None or path is None:
+        return None
+    path = Path(path)
+    return EmbeddingStore(path.with_name(path.name + ".embeddings.sqlite"))
+
+
+def features_to_rows(features: Any) -> np.ndarray:
+    """``embed_images`` output (torch or numpy ``[B, D]``) -> float32 numpy ``[B, D]``."""
+    if hasattr(features, "detach"):
+        features = features.detach().float().cpu().numpy()
+    arr = np.asarray(features, dtype=np.float32)
+    if arr.ndim != 2:
+        raise HarnessError(
+            f"a dual-encoder reward model must return image embeddings [B, D] from embed_images; "
+            f"got shape {list(arr.shape)}: set embedding_kind = None in the plugin"
+        )
+    return arr

@@ -1,0 +1,95 @@
+"""The embedding store: a dual encoder's image embeddings are kept beside the score cache, so a
+new prompt set costs text encodes and a product, with no image decoded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import make_image_folder, make_tiny_clip, make_tiny_hpsv2
+
+import harness.images
+from harness.scoring import load_reward_model, score_images, score_models
+from harness.scoring.embeddings import EmbeddingStore, embedding_store_for
+from harness.scoring.plan import model_cache_key
+
+FIRST = ["a photo of a cat", "a photo of two cats"]
+SECOND = ["a red car", "a blue car", "three red cars", "a photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return [f"clip:checkpoint={make_tiny_clip(root / 'clip')}",
+            f"hpsv2:checkpoint={make_tiny_hpsv2(root / 'hps')},version=2.1"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"), 7, seed=11)
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    count = {"n": 0}
+    real = harness.images.open_image
+
+    def counting(path):
+        count["n"] += 1
+        return real(path)
+
+    monkeypatch.setattr(harness.images, "open_image", counting)
+    return count
+
+
+def test_a_new_prompt_set_decodes_no_image_and_equals_a_fresh_run(specs, folder, decodes,
+                                                                  tmp_path):
+    cache = tmp_path / "scores.sqlite"
+    score_models(specs, folder, [FIRST] * len(folder), device="cpu", cache=cache, batch_size=4)
+    assert decodes["n"] == len(folder)
+    store = EmbeddingStore(tmp_path / "scores.sqlite.embeddings.sqlite")
+    assert store.count() == 2 * len(folder)  # one row per (model, image)
+    store.close()
+    decodes["n"] = 0
+    new = score_models(specs, folder, [SECOND] * len(folder), device="cpu", cache=cache,
+                       batch_size=4)
+    assert decodes["n"] == 0
+    for r in new:
+        assert r.run.encoded_images == 0 and r.run.computed == len(SECOND) * len(folder)
+    fresh = score_models(specs, folder, [SECOND] * len(folder), device="cpu", cache=False,
+                         batch_size=4)
+    for a, b in zip(new, fresh, strict=True):
+        assert a.run.cache_key == b.run.cache_key
+        for x, y in zip(a.run.scores, b.run.scores, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_score_images_uses_the_store_beside_its_cache(specs, folder, decodes, tmp_path):
+    model = load_reward_model(specs[0], device="cpu")
+    cache = tmp_path / "c.sqlite"
+    score_images(model, folder[:3], [FIRST] * 3, cache=cache)
+    decodes["n"] = 0
+    run = score_images(model, folder, [SECOND] * len(folder), cache=cache)
+    assert decodes["n"] == len(folder) - 3  # only the images never embedded are read
+    assert run.encoded_images == len(folder) - 3
+    fresh = score_images(model, folder, [SECOND] * len(folder))
+    for x, y in zip(run.scores, fresh.scores, strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_store_rows_round_trip_and_only_dual_encoders_use_it(specs, tmp_path):
+    from harness.scoring.cache import open_score_cache
+
+    cache = open_score_cache(tmp_path / "s.sqlite")
+    store = embedding_store_for(cache)
+    assert store.path.name == "s.sqlite.embeddings.sqlite"
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    store.put("m:1", [("h0", rows[0]), ("h1", rows[1])])
+    got = store.get("m:1", ["h1", "h0", "absent"])
+    assert set(got) == {"h0", "h1"}
+    np.testing.assert_array_equal(got["h1"], rows[1])
+    assert store.get("m:2", ["h0"]) == {} and store.count("m:1") == 2
+    store.close()
+    cache.close()
+    assert embedding_store_for(None) is None
+    model = load_reward_model(specs[0], device="cpu")
+    assert type(model).embedding_kind == "dual" and model_cache_key(model)
