@@ -204,10 +204,9 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
     Without --model: the paper's reported rows and the human-agreement row. With --model (and
     --images): each model scores every image against its prompt and gets a "scored" row.
     """
-    from harness.evaluation.config import ConfigError
     from harness.evaluation.leaderboard import run_leaderboard
     from harness.evaluation.multi import expand_benchmarks, resolve_data_dir
-    from harness.evaluation.report import check_out, render_terminal, rows_as_records, write_run
+    from harness.evaluation.report import render_terminal, rows_as_records, write_run
 
     benchmarks = expand_benchmarks(params["benchmark"])
     roots = list(params["data"])
@@ -215,19 +214,10 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
     params["data"] = resolve_data_dir(benchmarks[0], roots, single=True) if len(benchmarks) == 1 and roots else None
     if len(benchmarks) > 1:
         return _multi(ctx, benchmarks, roots, out, as_json, force, params)
-    try:
-        config = config_from_flags(ctx, params)
-        _check_device(ctx, config, params["config_path"])
-        run_dir = check_out(out or _default_out(config.data.benchmark), force)
-        result = run_leaderboard(config, progress=not as_json)
-    except ConfigError as exc:
-        raise HarnessError(f"{_culprit(ctx, exc.param, params['config_path'])} {exc.problem}") from exc
-    try:
-        write_run(run_dir, result, plots=config.report.plots, force=force)
-    except HarnessError as exc:
-        kept = _cache_path(config.scoring.cache) if config.scoring.models else None
-        raise HarnessError(f"{exc}; " + (f"the scores are kept in the score cache {kept}, so a rerun "
-                                         "does not score again" if kept else "nothing was written")) from exc
+    config, run_dir, result = _compute(
+        ctx, params, lambda config: out or _default_out(config.data.benchmark), force,
+        lambda config: run_leaderboard(config, progress=not as_json))
+    _write(config, lambda: write_run(run_dir, result, plots=config.report.plots, force=force))
     if as_json:
         click.echo(json.dumps(rows_as_records(result.rows), indent=2))
     else:
@@ -243,29 +233,19 @@ def leaderboard_command(ctx: click.Context, out: Path | None, as_json: bool, for
 def _multi(ctx: click.Context, benchmarks: list[str], roots: list[Path], out: Path | None,
            as_json: bool, force: bool, params: dict[str, Any]) -> None:
     """``harness leaderboard A,B``: a run per benchmark and the summary, written whole."""
-    from harness.evaluation.config import ConfigError
     from harness.evaluation.multi import run_leaderboards
     from harness.evaluation.report import (
-        check_out,
         render_summary_terminal,
         render_terminal,
         rows_as_records,
         write_multi_run,
     )
 
-    try:
-        config = config_from_flags(ctx, params)
-        _check_device(ctx, config, params["config_path"])
-        run_dir = check_out(out or _default_out("-".join(benchmarks) if len(benchmarks) < 4 else "all"), force)
-        multi = run_leaderboards(config, benchmarks, roots, params["images"], progress=not as_json)
-    except ConfigError as exc:
-        raise HarnessError(f"{_culprit(ctx, exc.param, params['config_path'])} {exc.problem}") from exc
-    try:
-        write_multi_run(run_dir, multi, plots=config.report.plots, force=force)
-    except HarnessError as exc:
-        kept = _cache_path(config.scoring.cache) if config.scoring.models else None
-        raise HarnessError(f"{exc}; " + (f"the scores are kept in the score cache {kept}, so a rerun "
-                                         "does not score again" if kept else "nothing was written")) from exc
+    name = "-".join(benchmarks) if len(benchmarks) < 4 else "all"
+    config, run_dir, multi = _compute(
+        ctx, params, lambda config: out or _default_out(name), force,
+        lambda config: run_leaderboards(config, benchmarks, roots, params["images"], progress=not as_json))
+    _write(config, lambda: write_multi_run(run_dir, multi, plots=config.report.plots, force=force))
     if as_json:
         click.echo(json.dumps(rows_as_records(multi.summary), indent=2))
     else:
@@ -276,6 +256,31 @@ def _multi(ctx: click.Context, benchmarks: list[str], roots: list[Path], out: Pa
     for result in multi.results.values():
         print_failures(result.failed_images)
     click.echo(f"Wrote {run_dir}", err=True)
+
+
+def _compute(ctx: click.Context, params: dict[str, Any], out_for: Any, force: bool, run: Any) -> Any:
+    """The config from the flags, the checked output folder (before any work) and ``run(config)``;
+    a bad setting names its flag (or config key)."""
+    from harness.evaluation.config import ConfigError
+    from harness.evaluation.report import check_out
+
+    try:
+        config = config_from_flags(ctx, params)
+        _check_device(ctx, config, params["config_path"])
+        run_dir = check_out(out_for(config), force)
+        return config, run_dir, run(config)
+    except ConfigError as exc:
+        raise HarnessError(f"{_culprit(ctx, exc.param, params['config_path'])} {exc.problem}") from exc
+
+
+def _write(config: Any, write: Any) -> None:
+    """``write()`` the run folder; a failure says where the computed scores are kept."""
+    try:
+        write()
+    except HarnessError as exc:
+        kept = _cache_path(config.scoring.cache) if config.scoring.models else None
+        raise HarnessError(f"{exc}; " + (f"the scores are kept in the score cache {kept}, so a rerun "
+                                         "does not score again" if kept else "nothing was written")) from exc
 
 
 def _cache_path(cache: str | bool) -> str | None:

@@ -255,36 +255,15 @@ def write_run(out: str | Path, result: LeaderboardResult, plots: bool = True,
     run's). A folder that is not a harness run is replaced only with ``force``. Files and folders
     follow the user's umask.
     """
-    out = check_out(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as exc:
-        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror or exc}") from exc
-    try:
-        os.chmod(staging, 0o777 & ~current_umask())
-        _write_files(staging, result, plots)
-        _swap_in(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise HarnessError(f"cannot write run folder '{out}': {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return _write_whole(out, force, lambda staging: _write_files(staging, result, plots))
 
 
 def write_multi_run(out: str | Path, multi: Any, plots: bool = True, force: bool = False) -> Path:
     """Write a cross-benchmark run whole: ``<out>/<benchmark>/`` (each a run folder as
-    :func:`write_run` writes it), ``summary.{json,csv,md,html}`` and ``manifest.json``."""
-    out = check_out(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    except OSError as exc:
-        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror or exc}") from exc
-    try:
-        os.chmod(staging, 0o777 & ~current_umask())
+    :func:`write_run` writes it), ``summary.{json,csv,md,html}``, ``report/`` and
+    ``manifest.json``."""
+
+    def fill(staging: Path) -> None:
         for bench, result in multi.results.items():
             folder = staging / bench
             folder.mkdir()
@@ -300,6 +279,22 @@ def write_multi_run(out: str | Path, multi: Any, plots: bool = True, force: bool
         from harness.evaluation.html_report import write_summary_report
 
         write_summary_report(staging)  # report/index.html: the summary, linking each benchmark's
+
+    return _write_whole(out, force, fill)
+
+
+def _write_whole(out: str | Path, force: bool, fill: Any) -> Path:
+    """``fill(staging)`` writes a run into a temporary sibling of ``out``, which then replaces
+    ``out`` in one rename; any failure leaves ``out`` as it was and nothing else behind."""
+    out = check_out(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise HarnessError(f"cannot create run folder '{out}': {exc.strerror or exc}") from exc
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())
+        fill(staging)
         _swap_in(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
