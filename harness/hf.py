@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,28 @@ class ImageProcessorCall:
 
     def __call__(self, image: Any) -> Any:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def local_tokenizer(folder: Path | None, markers: Sequence[str] = ("tokenizer.json", "tokenizer_config.json",
+                                                                   "vocab.json", "vocab.txt")) -> str | None:
+    """A tokenizer saved beside a checkpoint: ``folder/tokenizer/`` or ``folder`` itself when it
+    holds one of ``markers``; None otherwise."""
+    if folder is None:
+        return None
+    for candidate in (Path(folder) / "tokenizer", Path(folder)):
+        if candidate.is_dir() and any((candidate / m).is_file() for m in markers):
+            return str(candidate)
+    return None
+
+
+def load_tokenizer(source: str, what: str, fix: str) -> Any:
+    """``AutoTokenizer.from_pretrained(source)``, quietly; a failure is one line naming ``what``
+    (e.g. "the HPSv2 tokenizer"), the source, the cause and ``fix``."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - missing files, offline hub, bad folder
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HarnessError(f"cannot load {what} '{source}' ({type(exc).__name__}: {first}); {fix}") from exc

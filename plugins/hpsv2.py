@@ -457,7 +457,7 @@ class HPSv2(RewardModel):
         """
         import torch
 
-        from harness.hf import check_device, torch_dtype
+        from harness.hf import check_device, local_tokenizer, torch_dtype
 
         version = str(version).strip().lower()
         version = version if version.startswith("v") else f"v{version}"
@@ -477,7 +477,7 @@ class HPSv2(RewardModel):
         model_dtype = torch_dtype(dtype)
 
         self.weights_path, folder, self.revision = self._resolve(self.checkpoint, version, revision)
-        self.tokenizer_source = tokenizer or self._local_tokenizer(folder) or DEFAULT_TOKENIZER
+        self.tokenizer_source = tokenizer or local_tokenizer(folder) or DEFAULT_TOKENIZER
         self.tokenizer = self._load_tokenizer(self.tokenizer_source)
         state = read_state_dict(self.weights_path)
         self.architecture = architecture_from(state, self.weights_path)
@@ -536,30 +536,11 @@ class HPSv2(RewardModel):
         raise HarnessError(f"HPSv2 checkpoint '{checkpoint}' not found (expected {ARCHITECTURE})")
 
     @staticmethod
-    def _local_tokenizer(folder: Path | None) -> str | None:
-        if folder is None:
-            return None
-        markers = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-        for candidate in (folder / "tokenizer", folder):
-            if candidate.is_dir() and any((candidate / m).is_file() for m in markers):
-                return str(candidate)
-        return None
-
-    @staticmethod
     def _load_tokenizer(source: str) -> Any:
-        from transformers import AutoTokenizer
+        from harness.hf import load_tokenizer
 
-        from harness.hf import quiet_transformers
-
-        try:
-            with quiet_transformers():
-                tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as exc:  # noqa: BLE001 - missing files, offline hub, bad folder
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise HarnessError(
-                f"cannot load the HPSv2 tokenizer '{source}' ({type(exc).__name__}: {first}); "
-                f"pass tokenizer= a folder holding a CLIP tokenizer (e.g. {DEFAULT_TOKENIZER}'s)"
-            ) from exc
+        tokenizer = load_tokenizer(source, "the HPSv2 tokenizer",
+                                   f"pass tokenizer= a folder holding a CLIP tokenizer (e.g. {DEFAULT_TOKENIZER}'s)")
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise HarnessError(f"tokenizer '{source}' has no start/end tokens; HPSv2 expects the "
                                f"CLIP BPE tokenizer ({DEFAULT_TOKENIZER})")

@@ -502,7 +502,7 @@ class ImageReward(RewardModel):
         """
         import torch
 
-        from harness.hf import check_device, torch_dtype
+        from harness.hf import check_device, local_tokenizer, torch_dtype
 
         if batch_size < 1:
             raise HarnessError(f"batch size must be >= 1, got {batch_size}")
@@ -521,7 +521,7 @@ class ImageReward(RewardModel):
         self.vision_config = vision_config_from(self.med_config)
         self.image_size = int(self.vision_config["image_size"])
 
-        self.tokenizer_source = tokenizer or self._local_tokenizer(folder) or DEFAULT_TOKENIZER
+        self.tokenizer_source = tokenizer or local_tokenizer(folder) or DEFAULT_TOKENIZER
         self.tokenizer = self._load_tokenizer(self.tokenizer_source)
         vocab = int(self.med_config["vocab_size"])
         if len(self.tokenizer) > vocab:
@@ -544,27 +544,12 @@ class ImageReward(RewardModel):
 
     # -- loading helpers -------------------------------------------------------------------
     @staticmethod
-    def _local_tokenizer(folder: Path | None) -> str | None:
-        if folder is None:
-            return None
-        markers = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-        for candidate in (folder / "tokenizer", folder):
-            if candidate.is_dir() and any((candidate / m).is_file() for m in markers):
-                return str(candidate)
-        return None
-
-    @staticmethod
     def _load_tokenizer(source: str) -> Any:
-        from transformers import AutoTokenizer
+        from harness.hf import load_tokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as exc:  # noqa: BLE001 - missing files, offline hub, bad folder
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise HarnessError(
-                f"cannot load the ImageReward tokenizer '{source}' ({type(exc).__name__}: {first}); "
-                "save a bert-base-uncased tokenizer into the checkpoint folder's tokenizer/ or pass tokenizer="
-            ) from exc
+        tokenizer = load_tokenizer(
+            source, "the ImageReward tokenizer",
+            "save a bert-base-uncased tokenizer into the checkpoint folder's tokenizer/ or pass tokenizer=")
         present = set(tokenizer.get_vocab())
         if "[DEC]" not in present or tokenizer.bos_token != "[DEC]":
             tokenizer.add_special_tokens({"bos_token": "[DEC]"})
