@@ -129,8 +129,9 @@ class SQLiteCache:
                                f"its -wal and -shm files beside it): make {where} writable, or "
                                f"{self.fix}")
 
-    def _schema(self) -> str:
-        """``"empty"``, ``"older"`` (ours, unstamped) or ``"current"``; raises if foreign."""
+    def _stamp(self) -> tuple[int, int, list[str]]:
+        """The file's application id, schema version and tables; refuses a foreign application
+        id or a newer schema version."""
         app = self.conn.execute("PRAGMA application_id").fetchone()[0]
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         tables = sorted(row[0] for row in self.conn.execute(
@@ -141,6 +142,11 @@ class SQLiteCache:
             raise HarnessError(
                 f"{self.what} {self.path} was written by a newer t2i-harness (schema version "
                 f"{version}; this one reads {self.version}): upgrade t2i-harness, or {self.fix}")
+        return app, version, tables
+
+    def _schema(self) -> str:
+        """``"empty"``, ``"older"`` (ours, unstamped) or ``"current"``; raises if foreign."""
+        app, version, tables = self._stamp()
         if not tables:
             return "empty"
         if self.table not in tables or (app == 0 and len(tables) > 1):
@@ -269,16 +275,7 @@ class ScoreCache(SQLiteCache):
 
     # -- opening -----------------------------------------------------------------------------
     def _schema(self) -> str:
-        app = self.conn.execute("PRAGMA application_id").fetchone()[0]
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = sorted(row[0] for row in self.conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"))
-        if app not in (0, APPLICATION_ID):
-            self._foreign(f"application id {app:#x}")
-        if app == APPLICATION_ID and version > self.version:
-            raise HarnessError(
-                f"{self.what} {self.path} was written by a newer t2i-harness (schema version "
-                f"{version}; this one reads {self.version}): upgrade t2i-harness, or {self.fix}")
+        app, version, tables = self._stamp()
         if not tables:
             return "empty"
         if tables == ["scores"] and self._columns("scores") == self.v1_columns \
