@@ -20,7 +20,8 @@ Printed, all from one run:
 - cache bytes per stored (model, image, prompt) score, embedding-store bytes per image row, and
   the score cache's insert rate (``put`` of the run's rows into a fresh file, timed alone until
   committed), beside the replaced SQLite store's (``benchmarks/score_store.py``'s
-  ``LegacyScoreCache``), with both stores' bytes per pair.
+  ``LegacyScoreCache``), with both stores' bytes per pair, and beside them the rate of
+  ``put_sets`` (one item per image: the path the scorer uses) on the same batches.
 - peak resident memory (``ru_maxrss``).
 
     python benchmarks/tia2_scale.py [--fraction 0.05] [--repeat 2] [--batch-size 64] [--json out.json]
@@ -360,6 +361,16 @@ def main() -> None:
             out["inserts_new_over_old"] = round(new["inserts_per_s"] / old["inserts_per_s"], 2)
             out["store_bytes_per_pair_new_vs_old"] = [round(new["bytes_per_pair"], 1),
                                                       round(old["bytes_per_pair"], 1)]
+            if hasattr(ScoreCache, "put_sets"):  # the scorer's own path: one item per image
+                sets = [[(images[i], prompts[i], np.arange(len(prompts[i]), dtype=np.float64))
+                         for i in range(lo, min(lo + args.batch_size, n))]
+                        for lo in range(0, n, args.batch_size)]
+                t0 = time.perf_counter()
+                with ScoreCache(tmp_path / "sets" / "s.sqlite") as store:
+                    for items in sets:
+                        store.put_sets("m:1", items)
+                out["cache_put_sets_inserts_per_s"] = round(
+                    sum(map(len, batches)) / (time.perf_counter() - t0))
         else:
             store = open_score_cache(tmp_path / "rate" / "scores.sqlite")
             t0 = time.perf_counter()

@@ -214,3 +214,23 @@ def test_a_dropped_unclosed_cache_stores_its_queue_and_its_writer_ends(tmp_path)
     assert not writer.is_alive()
     with ScoreCache(path) as again:
         assert again.count() == 20 * 50
+
+
+def test_put_sets_stores_exactly_what_put_stores(tmp_path):
+    """The scoring thread's per-image fast path and the per-pair API give the same cache."""
+    import numpy as np
+
+    from harness.scoring.cache import ScoreCache
+
+    rng = np.random.default_rng(0)
+    items = [(f"{i:064x}", [f"p{j}" for j in range(1 + i % 4)], rng.normal(size=1 + i % 4)) for i in range(40)]
+    items.append((f"{3:064x}", ["p0", "other"], np.array([0.5, -1.25])))  # another prompt set, same image
+    with ScoreCache(tmp_path / "a.sqlite") as a, ScoreCache(tmp_path / "b.sqlite") as b:
+        a.put_sets("m", items)
+        b.put("m", [(h, p, float(v)) for h, ps, vs in items for p, v in zip(ps, vs, strict=True)])
+        a.flush()
+        b.flush()
+        hashes = sorted({h for h, _, _ in items})
+        assert a.get("m", hashes) == b.get("m", hashes) and len(a.get("m", hashes)) == a.count("m")
+        with pytest.raises(ValueError, match="1 scores for 2 prompts"):
+            a.put_sets("m", [(f"{1:064x}", ["x", "y"], np.array([1.0]))])

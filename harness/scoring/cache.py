@@ -23,7 +23,9 @@ uninterrupted one (float32 would save 4 bytes per pair and break that). A prompt
 image under two prompt sets (a later run with another prompt list) reads as its later value and
 counts once.
 
-Writing happens off the scoring thread: :meth:`ScoreCache.put` checks the rows and queues them
+Writing happens off the scoring thread: :meth:`ScoreCache.put` (or
+:meth:`~ScoreCache.put_sets`, one item per image: the scorer's path, no object per score)
+checks the rows and queues them
 (at most ``queue_batches`` batches wait; then ``put`` waits), and a writer thread with its own
 connection commits them, the batches waiting at that moment in one transaction (should it fail,
 they are written again one transaction each, so only the failing batch is lost).
@@ -57,7 +59,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -251,7 +253,7 @@ class ScoreCache(SQLiteCache):
 
     def __init__(self, path: str | Path):
         super().__init__(path)
-        self._queue: queue.Queue[tuple[str, tuple, tuple, np.ndarray] | None] = queue.Queue(
+        self._queue: queue.Queue[tuple[str, Any, bool] | None] = queue.Queue(
             self.queue_batches)
         self._errors: list[BaseException] = []
         self._writer: threading.Thread | None = None
@@ -313,7 +315,29 @@ class ScoreCache(SQLiteCache):
         images, prompts, values = zip(*batch, strict=True)
         scores = np.array(values, dtype=np.float64)  # a non-number fails here, in the caller
         self._start_writer()
-        self._queue.put((model, images, prompts, scores))
+        self._queue.put((model, (images, prompts, scores), False))
+
+    def put_sets(self, model: str,
+                 items: Iterable[tuple[str, Sequence[str], np.ndarray | Sequence[float]]]) -> None:
+        """Queue one image's scores per item, ``(image_hash, prompts, scores [P])``, as the scorer
+        produces them: the same rows, storage and guarantees as :meth:`put`, with no Python object
+        per score (the writer turns each array into its float64 blob)."""
+        self._raise_pending()
+        if self._closed:
+            raise HarnessError(f"{self.what} {self.path} is closed: open it again to store scores")
+        batch = []
+        for image, prompts, values in items:
+            texts = tuple(prompts)
+            # a copy (the caller may change its array), and a non-number fails here, in the caller
+            arr = np.array(values, dtype=np.float64).reshape(-1)
+            if arr.shape[0] != len(texts):
+                raise ValueError(f"{arr.shape[0]} scores for {len(texts)} prompts of image {image}")
+            if texts:
+                batch.append((image, texts, arr))
+        if not batch:
+            return
+        self._start_writer()
+        self._queue.put((model, batch, True))
 
     def _start_writer(self) -> None:
         """Start the writer thread on the first put (again in a forked child, where it is gone)."""
@@ -412,9 +436,10 @@ class _Writer:
 
     def __init__(self, conn: sqlite3.Connection, what: str, path: Path, fix: str, timeout: float):
         self.wconn, self.what, self.path, self.fix, self.timeout = conn, what, path, fix, timeout
-        self._known: dict[str, dict] = {"models": {}, "prompts": {}, "prompt_sets": {}}
+        # ids by table, and "sets": a prompt set's texts (a tuple) -> its id
+        self._known: dict[str, dict] = {"models": {}, "prompts": {}, "prompt_sets": {}, "sets": {}}
 
-    def store_batches(self, jobs: list[tuple[str, tuple, tuple, np.ndarray]]) -> None:
+    def store_batches(self, jobs: list[tuple[str, Any, bool]]) -> None:
         """In the writer thread: the batches waiting in the queue, in one transaction. If it
         fails, they are stored again one per transaction, so that only the failing batch is
         rolled back (and raised) and the batches before it are kept."""
@@ -426,16 +451,17 @@ class _Writer:
             for job in jobs:
                 self._store([job])
 
-    def _store(self, jobs: list[tuple[str, tuple, tuple, np.ndarray]]) -> None:
+    def _store(self, jobs: list[tuple[str, Any, bool]]) -> None:
         """Batches in one transaction: ids resolved, one row per (model, image, prompt set)."""
         doing = (" while storing a batch of scores (that batch was rolled back; scores stored "
                  "before it are kept)")
         conn = self.wconn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            learned: dict[str, dict] = {"models": {}, "prompts": {}, "prompt_sets": {}}
-            for model, images, prompts, scores in jobs:
-                self._store_one(conn, learned, model, images, prompts, scores)
+            learned: dict[str, dict] = {"models": {}, "prompts": {}, "prompt_sets": {}, "sets": {}}
+            for model, payload, per_image in jobs:
+                groups = _merge_sets(payload) if per_image else _group_rows(*payload)
+                self._store_one(conn, learned, model, groups)
             conn.execute("COMMIT")
             for table, ids in learned.items():  # committed: ids never change or go away
                 self._known[table].update(ids)
@@ -451,31 +477,62 @@ class _Writer:
                                f"({type(exc).__name__}: {exc}){doing}: {self.fix}") from exc
 
     def _store_one(self, conn: sqlite3.Connection, learned: dict[str, dict], model: str,
-                   images: tuple, prompts: tuple, scores: np.ndarray) -> None:
-        # Runs of one image (as the scorer writes them), sliced without a loop per score.
-        groups: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
-        lo = 0
-        for image, run in itertools.groupby(images):
-            hi = lo + len(list(run))
-            texts, values = prompts[lo:hi], scores[lo:hi]
-            if image in groups or len(set(texts)) != hi - lo:  # rare: merge, the last one wins
-                merged = dict(zip(*groups[image], strict=True)) if image in groups else {}
-                merged.update(zip(texts, values.tolist(), strict=True))
-                texts, values = tuple(merged), np.array(list(merged.values()), dtype=np.float64)
-            groups[image] = (texts, values)
-            lo = hi
+                   groups: dict[str, tuple[tuple[str, ...], np.ndarray]]) -> None:
+        """One row per image of ``groups`` (image -> (distinct prompt texts, float64 scores))."""
         model_id = _ids(conn, "models", "key", [model], self._known["models"],
                         learned["models"])[model]
-        wanted = {texts for texts, _ in groups.values()}
-        texts = list(dict.fromkeys(t for s in wanted for t in s))
-        prompt_ids = _ids(conn, "prompts", "text", texts, self._known["prompts"], learned["prompts"])
-        blobs = {s: np.array([prompt_ids[t] for t in s], "<i4").tobytes() for s in wanted}
-        set_ids = _ids(conn, "prompt_sets", "prompts", list(blobs.values()),
-                       self._known["prompt_sets"], learned["prompt_sets"])
+        known_sets, new_sets = self._known["sets"], learned["sets"]
+        here = dict.fromkeys(texts for texts, _ in groups.values())
+        wanted = [s for s in here if s not in known_sets and s not in new_sets]
+        if wanted:
+            texts = list(dict.fromkeys(t for s in wanted for t in s))
+            prompt_ids = _ids(conn, "prompts", "text", texts, self._known["prompts"],
+                              learned["prompts"])
+            blobs = {s: np.array([prompt_ids[t] for t in s], "<i4").tobytes() for s in wanted}
+            set_ids = _ids(conn, "prompt_sets", "prompts", list(blobs.values()),
+                           self._known["prompt_sets"], learned["prompt_sets"])
+            new_sets.update((s, set_ids[blob]) for s, blob in blobs.items())
+        ids = {s: known_sets[s] if s in known_sets else new_sets[s] for s in here}
         conn.executemany(
             "INSERT OR REPLACE INTO scores (model, image, prompt_set, scores) VALUES (?, ?, ?, ?)",
-            [(model_id, _image_key(image), set_ids[blobs[texts]], values.astype("<f8").tobytes())
+            [(model_id, _image_key(image), ids[texts], values.astype("<f8", copy=False).tobytes())
              for image, (texts, values) in groups.items()])
+
+
+def _group_rows(images: tuple, prompts: tuple, scores: np.ndarray
+                ) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """``put``'s rows -> image -> (distinct prompts, scores): runs of one image (as the scorer
+    writes them) sliced without a loop per score; a prompt twice for an image: the last wins."""
+    groups: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    lo = 0
+    for image, run in itertools.groupby(images):
+        hi = lo + len(list(run))
+        texts, values = prompts[lo:hi], scores[lo:hi]
+        if image in groups or len(set(texts)) != hi - lo:  # rare: merge, the last one wins
+            merged = dict(zip(*groups[image], strict=True)) if image in groups else {}
+            merged.update(zip(texts, values.tolist(), strict=True))
+            texts, values = tuple(merged), np.array(list(merged.values()), dtype=np.float64)
+        groups[image] = (texts, values)
+        lo = hi
+    return groups
+
+
+def _merge_sets(items: list[tuple[str, tuple[str, ...], np.ndarray]]
+                ) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """``put_sets``' items -> image -> (distinct prompts, scores), as :func:`_group_rows`; each
+    prompt set is checked for repeated prompts once per batch, not once per image."""
+    groups: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    distinct: dict[tuple[str, ...], bool] = {}
+    for image, texts, values in items:
+        ok = distinct.get(texts)
+        if ok is None:
+            ok = distinct[texts] = len(set(texts)) == len(texts)
+        if image in groups or not ok:  # rare: merge, the last one wins
+            merged = dict(zip(*groups[image], strict=True)) if image in groups else {}
+            merged.update(zip(texts, values.tolist(), strict=True))
+            texts, values = tuple(merged), np.array(list(merged.values()), dtype=np.float64)
+        groups[image] = (texts, values)
+    return groups
 
 
 def _write_loop(jobs: queue.Queue, writer: _Writer, errors: list[BaseException],

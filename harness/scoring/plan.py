@@ -421,22 +421,29 @@ class ScorePlan:
             self._accepted.add(i)
             self.run.failed.pop(self.paths[i], None)
             computed += len(values)
-            if self.cache is not None:
-                rows.extend(zip([self.hashes[i]] * len(values), self.prompts[i],
-                                values.tolist(), strict=True))
-            if std is not None and self.cache is not None:
-                std_rows.extend(zip([self.hashes[i]] * len(std), self.prompts[i], std.tolist(),
-                                    strict=True))
+            if self.cache is not None:  # one item per image, no Python object per score
+                rows.append((self.hashes[i], self.prompts[i], values))
+                if std is not None:
+                    std_rows.append((self.hashes[i], self.prompts[i], std))
             if encoded:  # not for images scored from stored embeddings
                 self.run.encoded_images += 1
         if self.cache is not None and rows:
             # The deviations first: a run stopped between the two writes finds scores without
             # deviations, which do not count as cached, and computes both again.
             if std_rows:
-                self.cache.put(std_key(self.key), std_rows)
-            self.cache.put(self.key, rows)
+                _put_sets(self.cache, std_key(self.key), std_rows)
+            _put_sets(self.cache, self.key, rows)
         self.run.computed += computed
 
     def finish(self) -> ScoreRun:
         self.run.seconds = time.perf_counter() - self.start
         return self.run
+
+
+def _put_sets(cache: Any, key: str, items: list[tuple[str, Sequence[str], Any]]) -> None:
+    """Store ``(image hash, prompts, scores)`` per image: a cache's ``put_sets`` when it has one
+    (the compact store's fast path), else its per-pair ``put``."""
+    if hasattr(cache, "put_sets"):
+        cache.put_sets(key, items)
+    else:
+        cache.put(key, [(h, p, float(v)) for h, ps, vs in items for p, v in zip(ps, vs, strict=True)])
