@@ -128,10 +128,12 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
     #: every per-image score of the run, for calibration: subset, image, method, source, score, native
     per_image: list[pd.DataFrame] = []
     notes: list[str] = []
+    released_metrics = False  # the benchmark released per-prompt metrics (no per-image scores)
     if d.include_reported:
         if by_prompt:
             reported = bench.reported(subsets)
-            if not reported.empty:
+            released_metrics = not reported.empty
+            if released_metrics:
                 reported = reported.merge(counts, on=["subset", "prompt"], how="left")
                 reported["source"] = "reported"
                 parts.append(reported)
@@ -184,6 +186,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         human["source"] = "human"
         parts.append(human)
     order = {name: i for i, name in enumerate(bench.subsets)}
+    pairs = _pairs_of(loaded, labels)
     if by_prompt:
         if not parts:
             raise NothingToShow("nothing to put on the leaderboard: no reported rows and no human row")
@@ -198,7 +201,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
                                 "per-image scores; score reward models with --model and --images")
         from harness.evaluation.protocols import evaluate
 
-        rows = evaluate(protocol, labels, _pairs_of(loaded, labels), pd.concat(item_scores, ignore_index=True),
+        rows = evaluate(protocol, labels, pairs, pd.concat(item_scores, ignore_index=True),
                         n_boot=r.bootstrap, seed=r.seed, confidence=r.confidence)
         rows = rows.sort_values("subset", key=lambda col: col.map(order), kind="stable").reset_index(drop=True)
         per_prompt = pd.DataFrame(columns=list(PER_PROMPT_KEYS))
@@ -208,7 +211,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
         from harness.evaluation.reliability import calibration_table
 
         table, cal_notes = calibration_table(
-            protocol, labels, _pairs_of(loaded, labels), pd.concat(per_image, ignore_index=True),
+            protocol, labels, pairs, pd.concat(per_image, ignore_index=True),
             bins=r.calibration_bins, mapping=r.calibration_mapping, n_boot=r.bootstrap, seed=r.seed,
             confidence=r.confidence)
         notes += cal_notes
@@ -217,7 +220,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = False) -> Lea
             for col in ("ece_ci", "brier_ci"):  # rows without per-image scores: no interval
                 rows[col] = [v if isinstance(v, list) else [float("nan"), float("nan")] for v in rows[col]]
             rows["calibration"] = [v if isinstance(v, dict) else None for v in rows["calibration"]]
-    if by_prompt and d.include_reported and not bench.reported(subsets).empty:
+    if released_metrics:
         notes.append("reported rows: the released data holds per-prompt metrics, not per-image scores "
                      "or probabilities, so their calibration (ECE, Brier) cannot be computed")
     from harness.evaluation.manifest import build_manifest

@@ -115,6 +115,7 @@ def batch_prompt_metrics(
     graded_labels: np.ndarray,
     mask: np.ndarray | None = None,
     snap_ties: bool = True,
+    correlations: bool = True,
 ) -> dict[str, np.ndarray]:
     """All metrics for ``P`` prompts at once.
 
@@ -122,6 +123,7 @@ def batch_prompt_metrics(
     :param binary_labels: ``[P, N]`` of 0/1 (or bool).
     :param graded_labels: float ``[P, N]``, the target of ``spearman`` and ``kendall``.
     :param mask: bool ``[P, N]``, True where the prompt has an image; all True when omitted.
+    :param correlations: False: only the binary-label metrics (no ``spearman``/``kendall``).
     :param snap_ties: scores within rounding noise of each other are ties (:func:`merge_ties`);
         False for numbers someone else computed (released scores are taken exactly as given, so
         their metrics equal the authors' own computation).
@@ -184,8 +186,9 @@ def batch_prompt_metrics(
             total = np.where(ys & in_top, precision, 0.0).sum(1)
             out[name] = np.where(hits_k > 0, total / np.maximum(hits_k, 1), 0.0)
 
-    out["spearman"] = _row_pearson(ranks, _masked_ranks(g, m), m)
-    out["kendall"] = _kendall_tau_b(s, g, m)
+    if correlations:  # Kendall's tau costs O(N^2) pairs per prompt
+        out["spearman"] = _row_pearson(ranks, _masked_ranks(g, m), m)
+        out["kendall"] = _kendall_tau_b(s, g, m)
     return out
 
 

@@ -48,12 +48,17 @@ def _snap_ties(x: np.ndarray) -> np.ndarray:
 
 
 # -- pooled per-image metrics -------------------------------------------------------------------
+def _binary_metric(name: str, s: np.ndarray, y: np.ndarray) -> float:
+    out = batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))), snap_ties=False, correlations=False)
+    return float(out[name][0])
+
+
 def pooled_auroc(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
-    return float(batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))), snap_ties=False)["auroc"][0])
+    return _binary_metric("auroc", s, y)
 
 
 def pooled_auprc(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
-    return float(batch_prompt_metrics(s[None], y[None], np.zeros((1, len(s))), snap_ties=False)["auprc"][0])
+    return _binary_metric("auprc", s, y)
 
 
 def pooled_spearman(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
