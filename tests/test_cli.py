@@ -246,3 +246,41 @@ def test_yaml_config_and_flag_overrides(tia2_dir, tmp_path):
                    f"scoring.modles in {config} is not a setting. Did you mean 'models'?")
     with pytest.raises(Exception, match="report.bootstrap must be >= 0"):
         LeaderboardConfig.from_dict({"report": {"bootstrap": -1}})
+
+
+def test_score_one_pass_flag(tmp_path, monkeypatch):
+    """--one-pass (the default) decodes each image once for every model; --no-one-pass decodes
+    it again per model; the scores are the same."""
+    from tiny_models import make_image_folder, make_tiny_clip
+
+    import harness.images as decoder
+
+    a = make_tiny_clip(tmp_path / "a", seed=0)
+    b = make_tiny_clip(tmp_path / "b", seed=1, image_size=48)
+    folder = make_image_folder(tmp_path / "img", 5, seed=4)[0].parent
+    decodes = {"n": 0}
+    real = decoder.open_image
+
+    def counting(path):
+        decodes["n"] += 1
+        return real(path)
+
+    monkeypatch.setattr(decoder, "open_image", counting)
+    tables = {}
+    for flag, expected in (("--one-pass", 5), ("--no-one-pass", 10)):
+        decodes["n"] = 0
+        out = tmp_path / f"{flag}.csv"
+        result = harness("score", "--model", f"clip:checkpoint={a}",
+                         "--model", f"clip:checkpoint={b},label=b", "--images", folder,
+                         "--prompt", "a cat", "--prompt", "two dogs", "--no-cache",
+                         "--device", "cpu", "--out", out, flag)
+        assert result.returncode == 0, result.stderr
+        assert decodes["n"] == expected
+        tables[flag] = pd.read_csv(out).sort_values(["model", "image", "prompt"])
+        assert len(tables[flag]) == 2 * 5 * 2
+    pd.testing.assert_frame_equal(tables["--one-pass"].reset_index(drop=True),
+                                  tables["--no-one-pass"].reset_index(drop=True))
+    config = LeaderboardConfig.from_dict({"scoring": {"one_pass": False}})
+    assert config.scoring.one_pass is False
+    with pytest.raises(Exception, match="scoring.one_pass"):
+        LeaderboardConfig.from_dict({"scoring": {"one_pass": "maybe"}})

@@ -185,3 +185,64 @@ def test_no_cluster_at_the_address(tmp_path, images, ckpt):
         build_executor("local", 0, None, 2, None)
     with pytest.raises(HarnessError, match="--actors must be >= 1"):
         build_executor("ray", 0, None, 0, None)
+
+
+def test_one_pass_of_several_models_on_ray(cluster, ckpt, images, tmp_path):
+    """Two models in one Ray pass: each image decoded once by the read stage, the same scores as
+    the local one pass, the cached-or-not decision per model, embeddings stored on the driver."""
+    from harness.scoring import score_models
+    from harness.scoring.embeddings import EmbeddingStore
+
+    other = make_tiny_clip(tmp_path / "clip48", seed=1, image_size=48)
+    specs = [f"clip:checkpoint={ckpt}", f"clip:checkpoint={other},label=clip48"]
+    prompts = [PROMPTS] * len(images)
+    local = score_models(specs, images, prompts, cache=False, batch_size=4)
+    executor = RayExecutor(RayOptions(actors=1, gpus_per_actor=0.5))
+    cache = ScoreCache(tmp_path / "scores.sqlite")
+    # model A already has half of the images: only B needs those
+    half = len(images) // 2
+    score_models(specs[:1], images[:half], prompts[:half], cache=cache, batch_size=4)
+    runs = score_models(specs, images, prompts, cache=cache, batch_size=4, executor=executor)
+    a, b = (r.run for r in runs)
+    assert a.executor_info["one_pass"] and a.executor_info["name"] == "ray"
+    assert a.executor_info["decoded_images"] == len(images) == b.executor_info["decoded_images"]
+    assert (a.cached, a.computed) == (3 * half, 3 * (len(images) - half))
+    assert (b.cached, b.computed) == (0, 3 * len(images))
+    assert len(a.executor_info["placement"]) == 1 and len(b.executor_info["placement"]) == 1
+    assert a.executor_info["placement"] != b.executor_info["placement"]  # an actor per model
+    for ray_run, local_run in zip((a, b), local, strict=True):
+        for x, y in zip(ray_run.scores, local_run.run.scores, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+    assert not np.allclose(np.stack(a.scores), np.stack(b.scores))  # two different models
+    cache.close()
+    # the actors' image embeddings reached the driver's store: a new prompt set decodes nothing
+    store = EmbeddingStore(tmp_path / "scores.sqlite.embeddings.sqlite")
+    assert store.count() == 2 * len(images)  # A: 12 stored by the local run, 12 by Ray; B: 24
+    store.close()
+    new = [["a photo of a red airplane"]] * len(images)
+    again = score_models(specs, images, new, cache=tmp_path / "scores.sqlite", batch_size=4,
+                         executor=executor)
+    fresh = score_models(specs, images, new, cache=False, batch_size=4)
+    for r, f in zip(again, fresh, strict=True):
+        assert r.run.encoded_images == 0 and r.run.executor_info.get("decoded_images", 0) == 0
+        for x, y in zip(r.run.scores, f.run.scores, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+    # per model on Ray: each model's read stage decodes the images again
+    per_model = score_models(specs, images, prompts, cache=False, batch_size=4,
+                             executor=executor, one_pass=False)
+    assert sum(r.run.executor_info["decoded_images"] for r in per_model) == 2 * len(images)
+
+
+def test_ray_refuses_what_cannot_run(cluster, ckpt, images, tmp_path):
+    from harness.scoring import score_models
+
+    other = make_tiny_clip(tmp_path / "clip_b", seed=2)
+    specs = [f"clip:checkpoint={ckpt}", f"clip:checkpoint={other},label=clip_b"]
+    too_many = RayExecutor(RayOptions(actors=2, gpus_per_actor=1.0))  # 4 GPUs on a 2-GPU cluster
+    with pytest.raises(HarnessError, match=r"need 4 GPUs and the Ray cluster has 2: lower "):
+        score_models(specs, images[:4], [PROMPTS] * 4, cache=False, executor=too_many)
+    import ray_models
+
+    one = RayExecutor(RayOptions(factory=ray_models.OffsetColor))
+    with pytest.raises(HarnessError, match="builds one reward model, so it cannot score 2"):
+        score_models(specs, images[:4], [PROMPTS] * 4, cache=False, executor=one)

@@ -249,7 +249,10 @@ def model_options(fn):
         click.option("--actors", default=1, show_default=True,
                      type=click.IntRange(1, MAX_PROCESSES), help="Ray: model actors in the pool."),
         click.option("--gpus-per-actor", default=None, type=FiniteFloat(0, MAX_PROCESSES),
-                     help="Ray: GPUs per model actor, fractional allowed (default: 1 if the cluster has GPUs, else 0)."),
+                     help="Ray: GPUs per model actor, fractional allowed (default: 1 per actor if the cluster has them, else its GPUs shared)."),
+        click.option("--one-pass/--no-one-pass", default=True, show_default=True,
+                     help="Score all models in one pass over the images (each decoded once; all "
+                          "models resident), or one model at a time."),
     ]
     for option in reversed(options):
         fn = option(fn)

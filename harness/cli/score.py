@@ -43,7 +43,7 @@ def score_command(
     images: Path | None, prompts: tuple[str, ...], pairs: Path | None, out: Path | None,
     as_json: bool, skip_missing: bool, models: tuple[str, ...], device: str | None, dtype: str,
     batch_size: int, workers: int, cache: Path | None, no_cache: bool, executor: str, address: str | None,
-    actors: int, gpus_per_actor: float | None,
+    actors: int, gpus_per_actor: float | None, one_pass: bool,
 ) -> None:
     """Score images against prompts with one or more reward models."""
     import pandas as pd
@@ -58,7 +58,7 @@ def score_command(
     paths, per_image = _score_inputs(images, prompts, pairs, skip_missing)
     results = score_models(models, paths, per_image, device=device, dtype=dtype,
                            cache=False if no_cache else (cache or True), batch_size=batch_size,
-                           progress=not as_json, executor=run_on)
+                           progress=not as_json, executor=run_on, one_pass=one_pass)
     records, failed = [], {}
     for result in results:
         failed.update(result.run.failed)

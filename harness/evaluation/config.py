@@ -51,6 +51,9 @@ class ScoringSection:
     address: str | None = None  #: Ray cluster address
     actors: int = 1  #: Ray model actors
     gpus_per_actor: float | None = None  #: Ray GPUs per actor; None: 1 if the cluster has GPUs
+    #: every model in one pass over the images (each image decoded once); False: one model at
+    #: a time (only one model's weights resident)
+    one_pass: bool = True
 
 
 @dataclass

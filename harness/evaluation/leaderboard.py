@@ -387,6 +387,7 @@ def _score(labels: pd.DataFrame, s: ScoringSection,
     results = score_models(
         list(s.models), labels["path"].tolist(), texts, device=s.device, dtype=s.dtype,
         cache=s.cache, batch_size=s.batch_size, progress=progress, executor=make_executor(s),
+        one_pass=s.one_pass,
     )
     # Categorical columns (integer codes into one list of distinct values), not a string per
     # (model, image, prompt) row: a TIA2 TextNorm run is ~3.6M rows for four models.

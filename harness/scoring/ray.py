@@ -1,26 +1,27 @@
 """The Ray executor: the same reward plugins, cache and results, spread over a Ray cluster.
 
-A Ray Data pipeline with two stages:
+A Ray Data pipeline, for one reward model or for every model of a run in one pass:
 
-1. a CPU stage (plain tasks) that reads image files and runs the model's picklable
-   :meth:`~harness.types.RewardModel.preprocessor`;
-2. a ``map_batches`` stage over an actor pool of model actors
+1. a CPU stage (plain tasks) that reads and decodes each image once and applies the picklable
+   :meth:`~harness.types.RewardModel.preprocessor` of every model that still needs the image
+   (each model's cached-or-not decision is made on the driver before anything is sent);
+2. one ``map_batches`` stage per model over an actor pool of that model's actors
    (``compute=ActorPoolStrategy(size=actors)``, explicit ``batch_size``, ``num_gpus`` per actor,
    fractional so that several reward models can share a GPU, and a small ``num_cpus`` (0.5) so the
-   CPU stage is never starved of cores: actors holding every CPU deadlock the reads).
+   CPU stage is never starved of cores: actors holding every CPU deadlock the reads). Each stage
+   scores its model's rows and drops that model's inputs from the rows it passes on.
 
-Scores stream back to the driver, which alone writes the SQLite score cache through the same
-:class:`~harness.scoring.plan.ScorePlan` as the local executor: nothing cached is sent to the cluster,
-every batch is committed as it arrives (a killed driver resumes from the cache), and an image
-delivered twice by a retried task is recorded once. Actors and tasks lost with a node are retried
-by Ray (``max_restarts``/``max_task_retries``). A model class may declare ``ray_runtime_env``
-(pip requirements, environment variables) for its actors.
-
-Several models: this executor has no ``batches_multi``, so
-:func:`~harness.scoring.score_models` runs one model at a time through it (each model's read
-stage decodes the images again) rather than the local executor's one pass; a dual encoder's
-images already in the embedding store are scored on the driver from their stored rows, and rows
-computed by the actors are not stored.
+With GPUs unset, each actor gets a whole GPU when the cluster has one per actor, else the GPUs
+are shared evenly (four models on one GPU: 0.25 each); actors' CPUs shrink to leave the read
+stage its share. Scores stream back to the driver, which alone writes the score cache through
+the same :class:`~harness.scoring.plan.ScorePlan` as the local executor: nothing cached is sent
+to the cluster, every batch is committed as it arrives (a killed driver resumes from the
+cache), and an image delivered twice by a retried task is recorded once. A dual encoder's
+image embeddings come back with its scores and go to the driver's embedding store. Actors and
+tasks lost with a node are retried by Ray (``max_restarts``/``max_task_retries``). A model class
+may declare ``ray_runtime_env`` (pip requirements, environment variables) for its actors.
+``ScoreRun.executor_info`` records the placement of each model's actors, the resources per
+actor and ``decoded_images`` (images the read stage decoded for the run).
 
 Ray is imported only when this executor is used.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,59 +100,89 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
         ) from exc
 
 
-def _read(batch: dict[str, np.ndarray], preprocess: Any) -> dict[str, Any]:
-    """CPU stage: decode (as opened, no conversion) and preprocess; failures travel as a string."""
-    from harness.scoring.batches import decode_and_preprocess
+def _read(batch: dict[str, np.ndarray], preprocessors: list[Any]) -> dict[str, Any]:
+    """CPU stage: each image read and decoded once (as opened, no conversion), and the
+    preprocessing of every model that needs it (bit ``k`` of ``need``) applied to it; model
+    ``k``'s input goes to ``pixels_k`` and its failure, as a string, to ``error_k``."""
+    from harness.scoring.batches import decode_for_models
 
-    pixels, errors = [], []
-    for path in batch["path"]:
-        x, err = decode_and_preprocess(str(path), preprocess)
-        if err is None:
-            try:
-                x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-                pixels.append(np.ascontiguousarray(x, dtype=np.float32))
-                errors.append("")
-                continue
-            except Exception as exc:  # noqa: BLE001 - an input Ray cannot carry as an array
-                err = f"{type(exc).__name__}: {exc}"
-        pixels.append(np.zeros((0,), dtype=np.float32))
-        errors.append(err)
-    return {"i": batch["i"], "prompts": batch["prompts"], "pixels": pixels, "error": np.array(errors)}
+    out: dict[str, Any] = {"i": batch["i"], "prompts": batch["prompts"], "need": batch["need"]}
+    columns = [([], []) for _ in preprocessors]
+    for path, need in zip(batch["path"], batch["need"], strict=True):
+        wanted = [pre if (int(need) >> k) & 1 else None for k, pre in enumerate(preprocessors)]
+        inputs, errs = decode_for_models(str(path), wanted)
+        for k, (pixels, errors) in enumerate(columns):
+            x, err = inputs[k], errs[k]
+            if wanted[k] is not None and err is None:
+                try:
+                    x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+                    pixels.append(np.ascontiguousarray(x, dtype=np.float32))
+                    errors.append("")
+                    continue
+                except Exception as exc:  # noqa: BLE001 - an input Ray cannot carry as an array
+                    err = f"{type(exc).__name__}: {exc}"
+            pixels.append(np.zeros((0,), dtype=np.float32))
+            errors.append(err or "")
+    for k, (pixels, errors) in enumerate(columns):
+        out[f"pixels_{k}"] = pixels
+        out[f"error_{k}"] = np.array(errors)
+    return out
 
 
 class _ModelActor:
-    """One reward model resident in an actor (on the actor's GPU when it has one)."""
+    """Reward model ``k`` of a run resident in an actor (on the actor's GPU when it has one):
+    scores the rows that need it from ``pixels_k`` (dropped from the rows it passes on) into
+    ``scores_k``/``error_k``, with ``actor_k``/``gpus_k`` (where it ran) and, for a dual encoder
+    whose embeddings the driver stores, the image rows in ``emb_k``."""
 
-    def __init__(self, factory: Callable[[], Any]):
+    def __init__(self, factory: Callable[[], Any], k: int = 0, embeddings: bool = False):
         import ray
 
         self.model = factory()
+        self.k = k
+        self.embeddings = embeddings
         self.where = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
         self.gpus = ",".join(str(g) for g in ray.get_gpu_ids())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        errors = [str(e) for e in batch["error"]]
-        good = [k for k, e in enumerate(errors) if not e]
+        from harness.scoring.batches import run_with_backoff
+        from harness.scoring.embeddings import features_to_rows
+        from harness.types import ImageFailure
+
+        k = self.k
+        out = {name: column for name, column in batch.items() if name != f"pixels_{k}"}
+        errors = [str(e) for e in batch[f"error_{k}"]]
+        good = [j for j, (need, e) in enumerate(zip(batch["need"], errors, strict=True))
+                if (int(need) >> k) & 1 and not e]
         scores = [""] * len(errors)
+        rows: list[Any] = [np.zeros((0,), dtype=np.float32)] * len(errors)
         if good:
-            pixels = torch.from_numpy(np.stack([np.asarray(batch["pixels"][k]) for k in good]))
-            prompts = [json.loads(batch["prompts"][k]) for k in good]
-            from harness.scoring.batches import run_with_backoff
-            from harness.types import ImageFailure
+            pixels = torch.from_numpy(np.stack([np.asarray(batch[f"pixels_{k}"][j]) for j in good]))
+            prompts = [json.loads(batch["prompts"][j]) for j in good]
+
+            def keep(offset: int, features: Any) -> None:
+                for j, row in zip(good[offset:], features_to_rows(features), strict=False):
+                    rows[j] = row
 
             # Out-of-memory on the actor's GPU halves the batch, as in the local executor.
-            for k, values in zip(good, run_with_backoff(self.model, pixels, prompts), strict=True):
+            results = run_with_backoff(self.model, pixels, prompts,
+                                       keep if self.embeddings else None)
+            for j, values in zip(good, results, strict=True):
                 if isinstance(values, ImageFailure):  # the model could not score this image
-                    errors[k] = values.reason
+                    errors[j] = values.reason
                     continue
                 if hasattr(values, "detach"):
                     values = values.detach().float().cpu().numpy()
-                scores[k] = json.dumps(np.asarray(values, dtype=np.float64).tolist())
+                scores[j] = json.dumps(np.asarray(values, dtype=np.float64).tolist())
         n = len(errors)
-        return {"i": batch["i"], "scores": np.array(scores), "error": np.array(errors),
-                "actor": np.array([self.where] * n), "gpus": np.array([self.gpus] * n)}
+        out.update({f"scores_{k}": np.array(scores), f"error_{k}": np.array(errors),
+                    f"actor_{k}": np.array([self.where] * n),
+                    f"gpus_{k}": np.array([self.gpus] * n)})
+        if self.embeddings:
+            out[f"emb_{k}"] = rows
+        return out
 
 
 def spec_factory(spec: Any, dtype: str | None) -> Callable[[], Any]:
@@ -202,62 +233,141 @@ class RayExecutor:
     def batches(self, model: Any, plan: Any, batch_size: int
                 ) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
         """Yield ``(indices, score arrays, failures)`` batches computed on Ray."""
-        options = self.options
-        factory = options.factory
-        if factory is None:
-            if plan.spec is None:
-                # Rebuilding from the id alone could drop settings (mode, text length, processor)
-                # and cache another model's scores under this model's key.
-                raise HarnessError(
-                    f"Ray actors cannot rebuild reward model '{plan.model_name}': pass its spec "
-                    "(score_images(..., spec=parse_model_spec(...)), or use score_models) or "
-                    "RayOptions(factory=...)"
-                )
-            spec = type(plan.spec)(plan.spec.name, {k: v for k, v in plan.spec.options.items()
-                                                    if k not in {"device", "dtype"}})
-            factory = spec_factory(spec, plan.dtype)
-        ray = connect(options)
-        gpus = options.gpus_per_actor
+        for _, ids, results, bad in self._run([model], [plan], batch_size):
+            yield ids, results, bad
+
+    def batches_multi(self, models: Sequence[Any], plans: Sequence[Any], batch_size: int
+                      ) -> Iterator[tuple[int, list[int], list[np.ndarray], list[tuple[int, str]]]]:
+        """One pass for several models (same paths and prompts in every plan): one read stage
+        decodes each image any model still needs once and applies each needing model's
+        preprocessing; one actor pool per model follows it. Yields ``(model index, ids,
+        results, failures)`` as :meth:`LocalExecutor.batches_multi
+        <harness.scoring.executors.LocalExecutor.batches_multi>` does."""
+        if self.options.factory is not None and len(models) > 1:
+            raise HarnessError(
+                "RayOptions(factory=...) builds one reward model, so it cannot score "
+                f"{len(models)} models: leave factory unset (actors build each model from its "
+                "spec), or score one model per call"
+            )
+        yield from self._run(list(models), list(plans), batch_size)
+
+    def _factory(self, model: Any, plan: Any) -> Callable[[], Any]:
+        if self.options.factory is not None:
+            return self.options.factory
+        if plan.spec is None:
+            # Rebuilding from the id alone could drop settings (mode, text length, processor)
+            # and cache another model's scores under this model's key.
+            raise HarnessError(
+                f"Ray actors cannot rebuild reward model '{plan.model_name}': pass its spec "
+                "(score_images(..., spec=parse_model_spec(...)), or use score_models) or "
+                "RayOptions(factory=...)"
+            )
+        spec = type(plan.spec)(plan.spec.name, {k: v for k, v in plan.spec.options.items()
+                                                if k not in {"device", "dtype"}})
+        return spec_factory(spec, plan.dtype)
+
+    def _resources(self, ray: Any, pools: int) -> tuple[float, float]:
+        """GPUs and CPUs per actor for ``pools`` actor pools of ``options.actors`` actors.
+
+        Unset GPUs: one per actor when the cluster has a GPU per actor, else the cluster's GPUs
+        shared evenly (four models on one GPU get 0.25 each), else none. Set ones that need more
+        GPUs than the cluster has are refused: the pipeline would wait for them forever. CPUs
+        per actor shrink so that the read stage keeps ``read_cpus``: actors holding every CPU
+        deadlock the reads."""
+        o = self.options
+        total = pools * o.actors
+        have = ray.cluster_resources()
+        gpus_there, cpus_there = float(have.get("GPU", 0)), float(have.get("CPU", 0))
+        gpus = o.gpus_per_actor
         if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            gpus = 1.0 if gpus_there >= total else (gpus_there / total if gpus_there >= 1 else 0.0)
+            gpus = float(np.floor(gpus * 100) / 100)  # a fraction Ray accepts
+        elif gpus * total > gpus_there + 1e-9:
+            raise HarnessError(
+                f"{pools} reward model(s) x {o.actors} actor(s) x {gpus:g} GPU need "
+                f"{gpus * total:g} GPUs and the Ray cluster has {gpus_there:g}: lower "
+                f"--gpus-per-actor (to {gpus_there / total:.2f} to share), or --actors"
+            )
+        cpus = o.cpus_per_actor
+        budget = cpus_there - o.read_cpus
+        if cpus_there and cpus * total > budget:
+            if budget <= 0:
+                raise HarnessError(
+                    f"the Ray cluster has {cpus_there:g} CPUs, too few for the read stage "
+                    f"({o.read_cpus:g}) and {total} model actor(s): add CPUs or lower read_cpus"
+                )
+            cpus = float(np.floor(budget / total * 100) / 100) or 0.01
+        return gpus, cpus
+
+    def _run(self, models: list[Any], plans: list[Any], batch_size: int
+             ) -> Iterator[tuple[int, list[int], list[np.ndarray], list[tuple[int, str]]]]:
+        options = self.options
+        factories = [self._factory(m, p) for m, p in zip(models, plans, strict=True)]
+        needs = [set(plan.todo) for plan in plans]
+        union = sorted(set().union(*needs))
+        if not union:
+            return
+        ray = connect(options)
+        gpus, cpus = self._resources(ray, len(models))
         from ray.data import ActorPoolStrategy
 
-        runtime_env = options.runtime_env or getattr(type(model), "ray_runtime_env", None)
-        items = [{"i": i, "path": plan.paths[i], "prompts": json.dumps(plan.prompts[i])}
-                 for i in plan.todo]
+        envs = [options.runtime_env or getattr(type(m), "ray_runtime_env", None) for m in models]
+        plan0 = plans[0]
+        items = [{"i": i, "path": plan0.paths[i], "prompts": json.dumps(plan0.prompts[i]),
+                  "need": sum(1 << k for k, need in enumerate(needs) if i in need)}
+                 for i in union]
         blocks = max(1, min(len(items), (len(items) + batch_size - 1) // batch_size))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(_read, fn_kwargs={"preprocess": model.preprocessor()},
+        ds = ds.map_batches(_read, fn_kwargs={"preprocessors": [m.preprocessor() for m in models]},
                             batch_size=batch_size, num_cpus=options.read_cpus, batch_format="numpy")
         # Actor restarts are not a named map_batches parameter: they go through ray_remote_args.
         remote_args: dict[str, Any] = {"max_restarts": options.max_restarts,
                                        "max_task_retries": options.max_restarts}
-        ds = ds.map_batches(
-            _ModelActor,
-            fn_constructor_kwargs={"factory": factory},
-            compute=ActorPoolStrategy(size=options.actors),
-            batch_size=batch_size,
-            num_gpus=gpus,
-            num_cpus=options.cpus_per_actor,
-            batch_format="numpy",
-            runtime_env=runtime_env or None,
-            **remote_args,
-        )
-        placement: dict[str, str] = plan.run.executor_info.setdefault("placement", {})
-        plan.run.executor_info["gpus_per_actor"] = gpus
+        for k, (factory, env, plan) in enumerate(zip(factories, envs, plans, strict=True)):
+            ds = ds.map_batches(
+                _ModelActor,
+                fn_constructor_kwargs={"factory": factory, "k": k,
+                                       "embeddings": plan.embeddings is not None},
+                compute=ActorPoolStrategy(size=options.actors),
+                batch_size=batch_size,
+                num_gpus=gpus,
+                num_cpus=cpus,
+                batch_format="numpy",
+                runtime_env=env or None,
+                **remote_args,
+            )
+        for plan in plans:
+            info = plan.run.executor_info
+            info.setdefault("placement", {})
+            info.update({"gpus_per_actor": gpus, "cpus_per_actor": cpus,
+                         "decoded_images": info.get("decoded_images", 0)})
+            if len(models) > 1:
+                info["one_pass"] = True
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                ids, results, bad = [], [], []
-                for i, scores, err, actor, gpu_ids in zip(out["i"], out["scores"], out["error"],
-                                                          out["actor"], out["gpus"], strict=True):
-                    i = int(i)
-                    placement.setdefault(str(actor), str(gpu_ids))
-                    if err:
-                        bad.append((i, str(err)))
-                    else:
+                rows = [int(i) for i in out["i"]]
+                for plan in plans:
+                    plan.run.executor_info["decoded_images"] += len(rows)
+                for k, plan in enumerate(plans):
+                    placement = plan.run.executor_info["placement"]
+                    ids, results, bad, embedded = [], [], [], []
+                    for j, i in enumerate(rows):
+                        if not (int(out["need"][j]) >> k) & 1:
+                            continue
+                        placement.setdefault(str(out[f"actor_{k}"][j]), str(out[f"gpus_{k}"][j]))
+                        err = str(out[f"error_{k}"][j])
+                        if err:
+                            bad.append((i, err))
+                            continue
                         ids.append(i)
-                        results.append(np.asarray(json.loads(str(scores)), dtype=np.float64))
-                yield ids, results, bad
+                        results.append(np.asarray(json.loads(str(out[f"scores_{k}"][j])),
+                                                  dtype=np.float64))
+                        if plan.embeddings is not None:
+                            embedded.append(np.asarray(out[f"emb_{k}"][j], dtype=np.float32))
+                    if embedded and all(row.size for row in embedded):
+                        plan.feature_sink(ids)(0, np.stack(embedded))
+                    if ids or bad:
+                        yield k, ids, results, bad
         except HarnessError:
             raise
         except Exception as exc:  # noqa: BLE001 - Ray wraps failures in its own types
@@ -265,8 +375,13 @@ class RayExecutor:
             text = str(exc)
             if ("RuntimeEnvSetupError" in name or "RuntimeEnvSetupError" in text
                     or "runtime_env" in text):
+                named = [(p.model_name, e) for p, e in zip(plans, envs, strict=True) if e]
+                which = ", ".join(f"'{n}'" for n, _ in named) or \
+                    ", ".join(f"'{p.model_name}'" for p in plans)
+                shown = json.dumps(named[0][1]) if len(named) == 1 else \
+                    json.dumps(dict(named)) if named else "{}"
                 raise HarnessError(
-                    f"Ray could not build the runtime_env of reward model '{plan.model_name}' "
-                    f"({json.dumps(runtime_env)}); scores finished so far are in the cache"
+                    f"Ray could not build the runtime_env of reward model {which} ({shown}); "
+                    "scores finished so far are in the cache"
                 ) from exc
             raise
