@@ -90,6 +90,13 @@ def parse_ray(text: str) -> dict[str, Any]:
     m = re.search(r"break-even: (.*)", text)
     if m:
         out["break_even"] = m[1].strip()
+    m = re.search(r"two models on Ray, (\d+) images: one pass ([\d.]+) img/s, one model at a "
+                  r"time ([\d.]+) img/s, ratio ([\d.]+); images decoded (\d+) vs (\d+)", text)
+    if m:
+        out["two_models"] = {"images": int(m[1]), "one_pass_images_per_s": float(m[2]),
+                             "per_model_images_per_s": float(m[3]),
+                             "one_pass_over_per_model": float(m[4]),
+                             "decoded_one_pass": int(m[5]), "decoded_per_model": int(m[6])}
     return out
 
 
