@@ -282,6 +282,11 @@ class RayExecutor:
         if gpus is None:
             gpus = 1.0 if gpus_there >= total else (gpus_there / total if gpus_there >= 1 else 0.0)
             gpus = float(np.floor(gpus * 100) / 100)  # a fraction Ray accepts
+            if gpus_there >= 1 and gpus == 0:
+                raise HarnessError(
+                    f"{pools} reward model(s) x {o.actors} actor(s) cannot share the cluster's "
+                    f"{gpus_there:g} GPU(s) (under 0.01 GPU each): lower --actors"
+                )
         elif gpus * total > gpus_there + 1e-9:
             raise HarnessError(
                 f"{pools} reward model(s) x {o.actors} actor(s) x {gpus:g} GPU need "
