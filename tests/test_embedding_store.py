@@ -93,3 +93,32 @@ def test_store_rows_round_trip_and_only_dual_encoders_use_it(specs, tmp_path):
     assert embedding_store_for(None) is None
     model = load_reward_model(specs[0], device="cpu")
     assert type(model).embedding_kind == "dual" and model_cache_key(model)
+
+
+def test_put_rows_copies_the_batch_and_stores_what_put_stores(tmp_path):
+    """``put_rows`` (one batch, the scorer's path) equals ``put``; both copy, so the caller may
+    reuse its array at once; rows of a wrong count are refused in the caller."""
+    rng = np.random.default_rng(3)
+    block = rng.normal(size=(5, 8)).astype(np.float32)
+    want = block.copy()
+    hashes = [f"{i:064x}" for i in range(5)]
+    a, b = EmbeddingStore(tmp_path / "a.sqlite"), EmbeddingStore(tmp_path / "b.sqlite")
+    try:
+        a.put_rows("m", hashes, block)
+        b.put("m", [(h, row) for h, row in zip(hashes, block, strict=True)])
+        block[...] = 0.0  # reused by the caller before the writer ran
+        got_a, got_b = a.get("m", hashes), b.get("m", hashes)
+        assert sorted(got_a) == sorted(got_b) == hashes
+        for i, h in enumerate(hashes):
+            assert got_a[h].dtype == np.float32 and np.array_equal(got_a[h], want[i])
+            assert np.array_equal(got_b[h], want[i])
+        a.put_rows("m", [], np.zeros((0, 8), np.float32))  # nothing to store
+        with pytest.raises(ValueError, match="2 image hashes"):
+            a.put_rows("m", hashes[:2], want)
+        assert a.count("m") == b.count("m") == 5
+        a.flush_rows = 3  # a full buffer goes to the writer as one transaction
+        a.put_rows("n", hashes[:4], want[:4])
+        assert a.count("n") == 4
+    finally:
+        a.close()
+        b.close()

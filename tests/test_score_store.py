@@ -234,3 +234,80 @@ def test_put_sets_stores_exactly_what_put_stores(tmp_path):
         assert a.get("m", hashes) == b.get("m", hashes) and len(a.get("m", hashes)) == a.count("m")
         with pytest.raises(ValueError, match="1 scores for 2 prompts"):
             a.put_sets("m", [(f"{1:064x}", ["x", "y"], np.array([1.0]))])
+
+
+def test_image_key_fast_path_maps_every_key_as_the_regex_did():
+    """The hex-digest test without a regex stores exactly the keys the regex stored as bytes."""
+    import re
+
+    from harness.scoring.cache import _image_key
+
+    def regex_key(image: str) -> str | bytes:  # the mapping before the fast path
+        return bytes.fromhex(image) if len(image) == 64 and re.fullmatch(r"[0-9a-f]{64}", image) \
+            else image
+
+    digest = sha(7)
+    keys = [digest, digest.upper(), digest[:-1] + "A", digest[:-1], digest + "0", "",
+            digest[:30] + " " + digest[31:], digest[:30] + "\t" + digest[31:],
+            digest[:62] + "  ", " " + digest[1:], digest[:62] + "\n0", "g" * 64, "0" * 64,
+            "f" * 64, "F" * 64, "٣" * 64, digest[:63] + "٣", "img00001", "ünïcode ✓",
+            "0x" + digest[2:], digest[:32] + "-" + digest[33:]]
+    for key in keys:
+        got, want = _image_key(key), regex_key(key)
+        assert type(got) is type(want) and got == want, key
+    assert _image_key(digest) == bytes.fromhex(digest) and len(_image_key(digest)) == 32
+
+
+def test_put_sets_stores_the_values_given_and_copies_them(tmp_path):
+    """The caller may change its arrays right after put_sets (float64, float32, lists and
+    [P, 1] arrays are all accepted)."""
+    rng = np.random.default_rng(1)
+    given = [rng.normal(size=3), rng.normal(size=3).astype(np.float32), [0.25, -1.5, 2.0],
+             rng.normal(size=(3, 1))]
+    want = {(sha(i), p): float(v) for i, vs in enumerate(given)
+            for p, v in zip("abc", np.asarray(vs, dtype=np.float64).reshape(-1), strict=True)}
+    with ScoreCache(tmp_path / "s.sqlite") as cache:
+        cache.put_sets("m", [(sha(i), ("a", "b", "c"), vs) for i, vs in enumerate(given)])
+        for vs in given:
+            if isinstance(vs, np.ndarray):
+                vs[...] = 99.0  # the cache took a copy
+        assert cache.get("m", [sha(i) for i in range(len(given))]) == want
+
+
+def test_put_sets_batches_the_fast_path_leaves_to_the_merge(tmp_path):
+    """An image twice in one batch, a prompt twice in a set: stored as put stores them."""
+    items = [(sha(1), ["a", "b"], np.array([1.0, 2.0])),
+             (sha(2), ["a", "a", "b"], np.array([3.0, 4.0, 5.0])),  # a twice: the last wins
+             (sha(1), ["b", "c"], np.array([6.0, 7.0])),  # sha(1) again in the batch
+             (sha(3), ("a", "b"), np.array([8.0, 9.0]))]
+    with ScoreCache(tmp_path / "a.sqlite") as a, ScoreCache(tmp_path / "b.sqlite") as b:
+        a.put_sets("m", items)
+        a.put_sets("m", [(sha(4), ["a", "b"], np.array([1.5, 2.5]))])  # the fast path after it
+        b.put("m", [(h, p, float(v)) for h, ps, vs in items for p, v in zip(ps, vs, strict=True)])
+        b.put("m", [(sha(4), "a", 1.5), (sha(4), "b", 2.5)])
+        hashes = [sha(i) for i in range(1, 5)]
+        assert a.get("m", hashes) == b.get("m", hashes)
+        assert a.get("m", [sha(2)]) == {(sha(2), "a"): 4.0, (sha(2), "b"): 5.0}
+        assert a.count("m") == b.count("m") == 3 + 2 + 2 + 2
+
+
+def test_the_writer_gathers_batches_but_flush_does_not_wait_for_more(tmp_path, monkeypatch):
+    """The writer waits up to ``linger`` for more batches to commit together; ``flush`` (and
+    ``get``, ``count``, ``close``) asks it to commit at once, and batches still gathered are
+    stored whole with the rest."""
+    import time
+
+    from harness.scoring import cache as cache_module
+
+    monkeypatch.setattr(cache_module._Writer, "linger", 60.0)
+    monkeypatch.setattr(cache_module._Writer, "gather", 1000)
+    with ScoreCache(tmp_path / "s.sqlite") as cache:
+        t0 = time.perf_counter()
+        for b in range(5):
+            cache.put_sets("m", [(sha(b), ["a", "b"], np.array([b, b + 0.5]))])
+        assert cache.count("m") == 10
+        cache.put_sets("m", [(sha(9), ["a"], np.array([9.0]))])
+        assert cache.get("m", [sha(9)]) == {(sha(9), "a"): 9.0}
+        assert time.perf_counter() - t0 < 30  # neither waited for the 60 s linger
+    with ScoreCache(tmp_path / "s.sqlite") as again:
+        assert again.count("m") == 11

@@ -9,9 +9,11 @@ decoded or encoded again. Rows are float32 (``embed_images``' own values: CLIP-f
 return float32 unit vectors), so scores from stored rows are the scores a fresh run computes.
 
 Writes are buffered and committed a few thousand rows at a time by a writer thread, off the
-scoring thread (WAL mode, a busy timeout): a killed run keeps every row written before its last
-buffer (the scores themselves are in the score
-cache); two processes may share the file.
+scoring thread (WAL mode, a busy timeout); ``put`` and ``put_rows`` only copy the caller's
+arrays (one copy per batch with ``put_rows``, the scorer's path), and the writer turns them
+into blobs. A killed run keeps every row written before its last buffer (the scores themselves
+are in the score cache); two processes may share the file; ``get`` sees every row ``put``
+before it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class EmbeddingStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        self._buffer: list[tuple[str, str, int, bytes]] = []
+        #: ``(model, image hashes, float32 rows [n, D] or n arrays [D])``, copies of the caller's
+        self._buffer: list[tuple[str, list[str], Any]] = []
+        self._rows = 0  # rows in the buffer
         self._lock = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
@@ -81,21 +85,43 @@ class EmbeddingStore:
         """Store ``(image hash, embedding [D])`` rows: buffered, written in one transaction per
         :attr:`flush_rows` rows and on :meth:`flush`/:meth:`close` (the rows are a cache of
         work the score cache already holds: a killed run loses at most one buffer of them)."""
+        images, arrays = [], []
         for image, emb in rows:
-            arr = np.ascontiguousarray(np.asarray(emb, dtype=np.float32).reshape(-1))
-            self._buffer.append((model, image, int(arr.shape[0]), arr.tobytes()))
-        if len(self._buffer) >= self.flush_rows:
+            images.append(image)
+            arrays.append(np.array(emb, dtype=np.float32).reshape(-1))  # a copy: caller may reuse
+        self._add(model, images, arrays)
+
+    def put_rows(self, model: str, image_hashes: Sequence[str], rows: Any) -> None:
+        """:meth:`put` for one batch: ``rows`` is float32-able ``[len(image_hashes), D]``,
+        copied here in one piece (the caller may reuse it) and turned into blobs by the writer."""
+        block = np.array(rows, dtype=np.float32)
+        if block.ndim != 2 or block.shape[0] != len(image_hashes):
+            raise ValueError(f"{len(image_hashes)} image hashes for embedding rows of shape "
+                             f"{list(block.shape)}")
+        self._add(model, list(image_hashes), block)
+
+    def _add(self, model: str, images: list[str], rows: Any) -> None:
+        if images:
+            self._buffer.append((model, images, rows))
+            self._rows += len(images)
+        if self._rows >= self.flush_rows:
             self._submit()
 
     def _submit(self) -> None:
         """Hand the buffered rows to the writer thread (one transaction)."""
-        items, self._buffer = self._buffer, []
-        if not items:
+        chunks, self._buffer, self._rows = self._buffer, [], 0
+        if not chunks:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="embedding store")
         self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
-        self._pending.append(self._writer.submit(self._write, items))
+        self._pending.append(self._writer.submit(self._write_chunks, chunks))
+
+    def _write_chunks(self, chunks: list[tuple[str, list[str], Any]]) -> None:
+        """In the writer thread: the buffered rows as ``(model, image, dim, float32 blob)``."""
+        self._write([(model, image, int(row.shape[0]), row.tobytes())
+                     for model, images, rows in chunks
+                     for image, row in zip(images, rows, strict=True)])
 
     def _write(self, items: list[tuple[str, str, int, bytes]]) -> None:
         with self._lock:

@@ -354,8 +354,14 @@ class ScorePlan:
 
         def sink(offset: int, features: Any) -> None:
             rows = features_to_rows(features)
-            store.put(key, [(self.hashes[i], row)
-                            for i, row in zip(ids[offset:offset + len(rows)], rows, strict=True)])
+            these = ids[offset:offset + len(rows)]
+            if len(these) != len(rows):
+                raise ValueError(f"{len(rows)} embedding rows for {len(these)} images")
+            hashes = self.hashes
+            if hasattr(store, "put_rows"):  # one copy of the batch; the writer makes the blobs
+                store.put_rows(key, [hashes[i] for i in these], rows)
+            else:
+                store.put(key, [(hashes[i], row) for i, row in zip(these, rows, strict=True)])
 
         return sink
 
