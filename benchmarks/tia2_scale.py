@@ -7,24 +7,44 @@ linear image encoder, hashed text embeddings, a dot product: three declare thems
 encoders like CLIP, PickScore and HPSv2, one does not, like ImageReward), so the figure is the
 harness's own overhead around the forward work, which is what limits a real run on a GPU.
 
-Printed, all from one run:
+Printed, all from one run (``--json`` writes the same keys):
 
-- ``harness/bare``: the bare loop's time over the harness's (``score_models``, one pass over the
-  images for the 4 models, a fresh score cache and embedding store, no workers), where the bare
-  loop decodes each image once with the same decoder and runs the same preprocessing, encoders
-  and scoring with no hashing, cache or bookkeeping; aim >= 0.9. The scores are checked equal.
-- ``harness_no_cache_over_bare``: the same with ``cache=False`` (no score cache, no embedding
-  store): what the cache and the store cost on the scoring thread.
-- ``one-pass/per-model``: the harness with ``one_pass=False`` (each model decodes every image
-  again) over one pass, and the decode counts of both.
+- the run's shape: ``arch``, ``device``, ``dtype``, ``images``, ``models``, ``batch_size``,
+  ``workers``, ``pairs_per_model`` (stored pairs per model), ``workload_seconds`` (writing the
+  synthetic PNGs), ``rounds`` (``--repeat``).
+- ``--repeat`` rounds; in each, the bare loop and every harness variant run back to back, in the
+  order bare, harness, no cache, one worker, reversed every other round. The bare loop decodes
+  each image once with the same decoder and runs the same preprocessing, encoders and scoring
+  with no hashing, cache or bookkeeping; ``bare_seconds_best`` is its best time. The harness is
+  ``score_models`` (one pass over the images for the 4 models) with the executor of
+  ``--workers``; ``max_abs_diff_vs_bare`` checks its scores against the bare loop's
+  (0.0 for the stand-ins). For each variant, three figures of bare time over harness time:
+  ``<key>``, best bare over best harness (the figure printed before rounds were paired);
+  ``<key>_median``, the median over the rounds of each round's own ratio; ``<key>_range``,
+  the smallest and largest of those per-round ratios (on a noisy machine, read the median and
+  the range):
+
+  - ``harness_over_bare``: a fresh score cache and embedding store per run (the default);
+    aim >= 0.9.
+  - ``harness_no_cache_over_bare``: ``cache=False`` (no score cache, no embedding store): what
+    the cache and the store cost on the scoring thread.
+  - ``harness_workers1_over_bare``: with the cache, ``LocalExecutor(num_workers=1)`` (decoding
+    in one DataLoader worker process, as on a machine with a core to spare); skipped with
+    ``--no-workers1``.
+
+- ``harness_pairs_per_s``: stored (model, image, prompt) scores per second of the best cached run.
+- ``one_pass_decodes``, and with ``one_pass=False`` (each model decodes every image again, no
+  cache; best of up to 2 runs, skipped with ``--no-per-model``) ``per_model_decodes`` and
+  ``per_model_over_one_pass_time`` (its time over the best no-cache one-pass time).
 - cache bytes per stored (model, image, prompt) score, embedding-store bytes per image row, and
   the score cache's insert rate (``put`` of the run's rows into a fresh file, timed alone until
   committed), beside the replaced SQLite store's (``benchmarks/score_store.py``'s
   ``LegacyScoreCache``), with both stores' bytes per pair, and beside them the rate of
   ``put_sets`` (one item per image: the path the scorer uses) on the same batches.
-- peak resident memory (``ru_maxrss``).
+- peak resident memory (``ru_maxrss``; ``peak_gpu_mb`` on CUDA).
 
-    python benchmarks/tia2_scale.py [--fraction 0.05] [--repeat 2] [--batch-size 64] [--json out.json]
+    python benchmarks/tia2_scale.py [--fraction 0.05] [--repeat 2] [--batch-size 64] [--workers 0]
+        [--no-workers1] [--no-per-model] [--json out.json]
 """
 
 from __future__ import annotations
@@ -238,7 +258,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=1.0, help="run this slice of 27,500 images")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--size", type=int, default=64, help="synthetic image side in pixels")
-    ap.add_argument("--repeat", type=int, default=2, help="best of N for harness and bare loop")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of bare loop and harness runs")
     ap.add_argument("--no-per-model", action="store_true", help="skip the one_pass=False run")
     ap.add_argument("--arch", default="standin",
                     help="standin (cheap CPU stand-ins), or four random-weight checkpoints of a "
@@ -246,6 +266,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--workers", type=int, default=0, help="harness DataLoader workers")
+    ap.add_argument("--no-workers1", action="store_true",
+                    help="skip the harness run with one DataLoader worker")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     import torch
@@ -271,6 +293,11 @@ def main() -> None:
         return real_open(path)
 
     harness.images.open_image = counting
+
+    def folder_cache(folder: Path) -> Path:
+        folder.mkdir()
+        return folder / "scores.sqlite"
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         t0 = time.perf_counter()
@@ -278,34 +305,67 @@ def main() -> None:
         pairs = sum(len(p) for p in prompts)
         out["pairs_per_model"] = pairs
         out["workload_seconds"] = round(time.perf_counter() - t0, 2)
-        # Interleaved, best of --repeat each: the machine's load moves both alike.
-        t_bare = t_harness = float("inf")
+        # Rounds: in each, the bare loop and every harness variant back to back, the order
+        # reversed every other round, so the machine's load moves a round's runs alike; a
+        # ratio is taken within each round (paired) and summarised over the rounds.
+        variants = {"harness": (executor, folder_cache),
+                    "no_cache": (executor, None)}
+        if not args.no_workers1:
+            variants["workers1"] = (LocalExecutor(num_workers=1), folder_cache)
+        times: dict[str, list[float]] = {name: [] for name in ("bare", *variants)}
+        ratios: dict[str, list[float]] = {name: [] for name in variants}
         for r in range(args.repeat):
-            # cold text caches, like the harness's own models
-            models = [load_reward_model(s, device=args.device, dtype=args.dtype) for s in specs]
-            sync()
-            t0 = time.perf_counter()
-            bare = bare_loop(models, paths, prompts, args.batch_size)
-            sync()
-            t_bare = min(t_bare, time.perf_counter() - t0)
-            del models
-            folder = tmp_path / f"cache{r}"
-            folder.mkdir()
-            decodes["n"] = 0
-            t0 = time.perf_counter()
-            runs = score_models(specs, paths, prompts, cache=folder / "scores.sqlite",
-                                batch_size=args.batch_size, device=args.device,
-                                dtype=args.dtype, executor=executor)
-            sync()
-            t_harness = min(t_harness, time.perf_counter() - t0)
-            out["one_pass_decodes"] = decodes["n"]
+            order = ["bare", *variants]
+            if r % 2:
+                order.reverse()
+            took = {}
+            for name in order:
+                if name == "bare":
+                    # cold text caches, like the harness's own models
+                    models = [load_reward_model(s, device=args.device, dtype=args.dtype)
+                              for s in specs]
+                    sync()
+                    t0 = time.perf_counter()
+                    bare = bare_loop(models, paths, prompts, args.batch_size)
+                    sync()
+                    took[name] = time.perf_counter() - t0
+                    del models
+                    continue
+                run_executor, make_cache = variants[name]
+                cache = make_cache(tmp_path / f"{name}{r}") if make_cache else False
+                decodes["n"] = 0
+                t0 = time.perf_counter()
+                got_runs = score_models(specs, paths, prompts, cache=cache,
+                                        batch_size=args.batch_size, device=args.device,
+                                        dtype=args.dtype, executor=run_executor)
+                sync()
+                took[name] = time.perf_counter() - t0
+                if name == "harness":
+                    runs, folder = got_runs, cache.parent
+                    out["one_pass_decodes"] = decodes["n"]
+            for name, seconds in took.items():
+                times[name].append(seconds)
+            for name in variants:
+                ratios[name].append(took["bare"] / took[name])
+        t_bare = min(times["bare"])
+        t_harness = min(times["harness"])
+        t_one = min(times["no_cache"])
         for k, r in enumerate(runs):  # same numbers as the bare loop
             got = np.concatenate(r.run.scores)
             want = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1) for b in bare[k]])
             out.setdefault("max_abs_diff_vs_bare", 0.0)
             out["max_abs_diff_vs_bare"] = max(out["max_abs_diff_vs_bare"],
                                               float(np.max(np.abs(got - want))))
-        out["harness_over_bare"] = round(t_bare / t_harness, 3)
+        out["rounds"] = args.repeat
+        for name, key in (("harness", "harness_over_bare"),
+                          ("no_cache", "harness_no_cache_over_bare"),
+                          ("workers1", "harness_workers1_over_bare")):
+            if name not in variants:
+                continue
+            out[key] = round(t_bare / min(times[name]), 3)  # best of each
+            out[f"{key}_median"] = round(float(np.median(ratios[name])), 3)
+            out[f"{key}_range"] = [round(min(ratios[name]), 3), round(max(ratios[name]), 3)]
+        out["bare_seconds_best"] = round(t_bare, 2)
         out["harness_pairs_per_s"] = round(len(specs) * pairs / t_harness)
         stored = len(specs) * pairs
         out["cache_bytes_per_pair"] = round(cache_bytes(folder) / stored, 1)
@@ -320,8 +380,8 @@ def main() -> None:
                 sum(f.stat().st_size for f in emb) / max(1, rows_stored), 1)
 
         if not args.no_per_model:
-            t_per = t_one = float("inf")
-            for _ in range(args.repeat):
+            t_per = float("inf")
+            for _ in range(min(args.repeat, 2)):
                 decodes["n"] = 0
                 t0 = time.perf_counter()
                 score_models(specs, paths, prompts, cache=False, batch_size=args.batch_size,
@@ -329,13 +389,8 @@ def main() -> None:
                              one_pass=False)
                 t_per = min(t_per, time.perf_counter() - t0)
                 out["per_model_decodes"] = decodes["n"]
-                t0 = time.perf_counter()
-                score_models(specs, paths, prompts, cache=False, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype, executor=executor)
-                t_one = min(t_one, time.perf_counter() - t0)
+            # against the best one-pass run without a cache above
             out["per_model_over_one_pass_time"] = round(t_per / t_one, 3)
-            # the same one pass with no score cache or embedding store: the cache's share
-            out["harness_no_cache_over_bare"] = round(t_bare / t_one, 3)
 
         # insert rate of the score cache, timed alone on a fresh file, batches of --batch-size
         # images as the scorer writes them; beside the store it replaced when helper
@@ -384,7 +439,7 @@ def main() -> None:
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     for key, value in out.items():
-        print(f"{key:32s} {value}")
+        print(f"{key:34s} {value}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
