@@ -206,6 +206,41 @@ def checkpoint_files(source: str | None, revision: str | None = None) -> list[Pa
     return checkpoint_files(folder)
 
 
+def held_text_rows(cache: Any, prompts: Sequence[str]) -> tuple[list[str], Any]:
+    """:meth:`~harness.types.RewardModel.text_rows` for a plugin keeping its text embeddings in
+    an ``OrderedDict`` of prompt -> 1-D torch tensor: the held ones, as float32 numpy rows."""
+    import numpy as np
+    import torch
+
+    held = [p for p in dict.fromkeys(prompts) if p in cache]
+    if not held:
+        return [], None
+    return held, torch.stack([cache[p] for p in held]).float().cpu().numpy().astype(np.float32)
+
+
+def load_text_rows_into(cache: Any, prompts: Sequence[str], rows: Any, device: Any,
+                        size: int) -> list[str]:
+    """:meth:`~harness.types.RewardModel.load_text_rows` for such a plugin: the rows of prompts
+    it does not hold go into ``cache`` (on ``device``; the oldest dropped past ``size``).
+    Returns the prompts added (for the plugin's truncation count)."""
+    import numpy as np
+    import torch
+
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or len(rows) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but text rows of shape {list(rows.shape)}")
+    new = [j for j, p in enumerate(prompts) if p not in cache]
+    if not new:
+        return []
+    block = torch.from_numpy(np.ascontiguousarray(rows[new])).to(device)
+    added = [prompts[j] for j in new]
+    for p, row in zip(added, block, strict=True):
+        cache[p] = row
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return added
+
+
 class ImageProcessorCall:
     """Picklable ``PIL image -> float32 [3, H, W]`` through a transformers image processor."""
 

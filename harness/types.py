@@ -174,6 +174,22 @@ class RewardModel(ABC):
 
         return torch.from_numpy(embeddings).to(self.device)
 
+    def text_rows(self, prompts: Sequence[str]) -> tuple[list[str], Any]:
+        """Dual encoders that keep text embeddings: the ones the model holds now for these
+        prompts, as ``(prompts held, float32 numpy [T, D])`` (prompts it does not hold are left
+        out). The core stores them in the embedding store, keyed by the model's cache key, so a
+        later run (another process) loads them with :meth:`load_text_rows` instead of encoding
+        the prompts again. Default: none (the core then stores no text rows for the model)."""
+        return [], None
+
+    def load_text_rows(self, prompts: Sequence[str], rows: Any) -> None:
+        """Take text embeddings stored from :meth:`text_rows` of an earlier run (float32 numpy
+        ``[T, D]``, one row per prompt): :meth:`score` then uses them as if it had just encoded
+        those prompts. Only called on models that override :meth:`text_rows`."""
+        raise NotImplementedError(
+            f"reward model {type(self).__name__} overrides text_rows but not load_text_rows"
+        )
+
     def files(self) -> list[Path]:
         """Every local file the model loaded (weights, configs, tokenizer, processor).
 

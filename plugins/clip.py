@@ -23,7 +23,9 @@ from harness.hf import (
     check_device,
     checkpoint_files,
     commit_hash,
+    held_text_rows,
     load_config,
+    load_text_rows_into,
     quiet_transformers,
     torch_dtype,
     weights_fingerprint,
@@ -161,6 +163,18 @@ class CLIPReward(RewardModel):
         while len(self._text) > self.text_cache_size:
             self._text.popitem(last=False)
         return torch.stack([self._text[p] for p in prompts])
+
+    def text_rows(self, prompts: Sequence[str]) -> tuple[list[str], Any]:
+        """The text embeddings held in the in-memory cache (see :meth:`text_embeddings`)."""
+        return held_text_rows(self._text, prompts)
+
+    def load_text_rows(self, prompts: Sequence[str], rows: Any) -> None:
+        """Stored text embeddings into the in-memory cache (truncated prompts still counted)."""
+        added = load_text_rows_into(self._text, list(prompts), rows, self.device,
+                                    self.text_cache_size)
+        if added:
+            full = self.tokenizer(added, truncation=False)["input_ids"]
+            self.truncated_prompts += sum(len(ids) > self.max_text_tokens for ids in full)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -608,6 +608,25 @@ class HPSv2(RewardModel):
             self._text.popitem(last=False)
         return torch.stack([self._text[p] for p in prompts])
 
+    def text_rows(self, prompts: Sequence[str]) -> tuple[list[str], Any]:
+        """The text embeddings held in the in-memory cache (see :meth:`text_embeddings`)."""
+        from harness.hf import held_text_rows
+
+        return held_text_rows(self._text, [str(p) for p in prompts])
+
+    def load_text_rows(self, prompts: Sequence[str], rows: Any) -> None:
+        """Stored text embeddings into the in-memory cache (truncated prompts still counted)."""
+        from harness.hf import load_text_rows_into
+
+        added = load_text_rows_into(self._text, [str(p) for p in prompts], rows, self.device,
+                                    self.text_cache_size)
+        for p in added:
+            full = self.tokenizer(clean_prompt(p), verbose=False,
+                                  split_special_tokens=True)["input_ids"]
+            if len(full) > self.max_text_tokens:
+                self._truncated.add(p)
+        self.truncated_prompts = len(self._truncated)
+
     def files(self) -> list[Path]:
         """The weights file and the tokenizer's files."""
         from harness.hf import checkpoint_files

@@ -122,3 +122,47 @@ def test_put_rows_copies_the_batch_and_stores_what_put_stores(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_text_rows_are_stored_and_a_later_run_encodes_only_new_prompts(specs, folder, tmp_path,
+                                                                      monkeypatch):
+    """Dual encoders' text embeddings are kept too: a later run (fresh models, other images)
+    encodes only the prompts never seen, with the same scores and truncation counts as a
+    fresh run."""
+    import transformers
+
+    long = "a very long prompt " + "with many words " * 60  # past the text model's length
+    first = [FIRST[0], FIRST[1], long]
+    cache = tmp_path / "scores.sqlite"
+    score_models(specs, folder[:3], [first] * 3, device="cpu", cache=cache, batch_size=2)
+    store = EmbeddingStore(tmp_path / "scores.sqlite.embeddings.sqlite")
+    assert store.count(table="text_embeddings") == 2 * len(first)  # per model, per prompt
+    keys = {model_cache_key(load_reward_model(s, device="cpu"), None) for s in specs}
+    assert len(keys) == 2
+    store.close()
+
+    encodes = {"n": 0}
+    real = transformers.CLIPModel.get_text_features
+
+    def counting(self, *args, **kwargs):
+        encodes["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.CLIPModel, "get_text_features", counting)
+    second = [*first, "a green bus"]
+    later = score_models(specs, folder[3:], [second] * (len(folder) - 3), device="cpu",
+                         cache=cache, batch_size=2)
+    assert encodes["n"] == 2  # "a green bus", once per model; the others were loaded
+    encodes["n"] = 0
+    fresh = score_models(specs, folder[3:], [second] * (len(folder) - 3), device="cpu",
+                         cache=False, batch_size=2)
+    assert encodes["n"] == 2 * len(second)
+    for a, b in zip(later, fresh, strict=True):
+        assert a.describe["truncated_prompts"] == b.describe["truncated_prompts"] == 1
+        for x, y in zip(a.run.scores, b.run.scores, strict=True):
+            np.testing.assert_array_equal(x, y)
+    store = EmbeddingStore(tmp_path / "scores.sqlite.embeddings.sqlite")
+    assert store.count(table="text_embeddings") == 2 * len(second)
+    with pytest.raises(ValueError, match="no table"):
+        store.count(table="scores")
+    store.close()

@@ -5,7 +5,10 @@ embedding row per image from ``embed_images`` and scores prompts against those r
 core keeps each row, keyed by (model cache key, image content hash), in an SQLite file beside the
 score cache (``<cache>.embeddings.sqlite``). A new contrastive prompt set then costs text encodes
 (kept in the model's in-memory text cache) and a product with the stored rows: no image is read,
-decoded or encoded again. Rows are float32 (``embed_images``' own values: CLIP-family plugins
+decoded or encoded again. A dual encoder that hands out its text embeddings
+(:meth:`~harness.types.RewardModel.text_rows`: CLIP, PickScore, HPSv2) has them kept too, keyed
+by (model cache key, prompt), and loaded into it by the next run (another process), so prompts
+scored before are not encoded again either. Rows are float32 (``embed_images``' own values: CLIP-family plugins
 return float32 unit vectors), so scores from stored rows are the scores a fresh run computes.
 
 Writes are buffered and committed a few thousand rows at a time by a writer thread, off the
@@ -31,17 +34,26 @@ from harness.errors import HarnessError
 
 _CREATE = ("CREATE TABLE IF NOT EXISTS image_embeddings (model TEXT NOT NULL, image TEXT NOT NULL, "
            "dim INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (model, image)) WITHOUT ROWID")
+#: Text embeddings (added later: a store without the table gains it when opened).
+_CREATE_TEXT = ("CREATE TABLE IF NOT EXISTS text_embeddings (model TEXT NOT NULL, text TEXT NOT "
+                "NULL, dim INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (model, text)) "
+                "WITHOUT ROWID")
+#: table -> its key column
+_KEYS = {"image_embeddings": "image", "text_embeddings": "text"}
 
 
 class EmbeddingStore:
-    """``(model key, image hash) -> float32 [D]`` in one SQLite file."""
+    """``(model key, image hash) -> float32 [D]`` and ``(model key, prompt) -> float32 [D]``
+    (a dual encoder's text rows, :meth:`~harness.types.RewardModel.text_rows`) in one SQLite
+    file."""
 
     flush_rows: int = 4096  #: rows buffered before a write
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        #: ``(model, image hashes, float32 rows [n, D] or n arrays [D])``, copies of the caller's
-        self._buffer: list[tuple[str, list[str], Any]] = []
+        #: ``(table, model, image hashes or prompts, float32 rows [n, D] or n arrays [D])``,
+        #: copies of the caller's
+        self._buffer: list[tuple[str, str, list[str], Any]] = []
         self._rows = 0  # rows in the buffer
         self._lock = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None
@@ -53,6 +65,7 @@ class EmbeddingStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute(_CREATE)
+            self.conn.execute(_CREATE_TEXT)
         except (OSError, sqlite3.Error) as exc:
             raise HarnessError(
                 f"embedding store {self.path} cannot be opened ({exc}): delete it (it is rebuilt "
@@ -66,14 +79,22 @@ class EmbeddingStore:
         with self._lock:
             return self._get(model, image_hashes, out)
 
-    def _get(self, model: str, image_hashes: Sequence[str], out: dict[str, np.ndarray]
-             ) -> dict[str, np.ndarray]:
-        hashes = list(dict.fromkeys(image_hashes))
+    def get_texts(self, model: str, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored text rows of these prompts (absent ones are left out)."""
+        self.flush()
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            return self._get(model, prompts, out, "text_embeddings")
+
+    def _get(self, model: str, keys: Sequence[str], out: dict[str, np.ndarray],
+             table: str = "image_embeddings") -> dict[str, np.ndarray]:
+        column = _KEYS[table]
+        hashes = list(dict.fromkeys(keys))
         for lo in range(0, len(hashes), 900):
             chunk = hashes[lo:lo + 900]
             marks = ",".join("?" * len(chunk))
             for image, dim, data in self.conn.execute(
-                f"SELECT image, dim, data FROM image_embeddings WHERE model = ? AND image IN ({marks})",
+                f"SELECT {column}, dim, data FROM {table} WHERE model = ? AND {column} IN ({marks})",
                 [model, *chunk],
             ):
                 row = np.frombuffer(data, dtype=np.float32)
@@ -100,9 +121,18 @@ class EmbeddingStore:
                              f"{list(block.shape)}")
         self._add(model, list(image_hashes), block)
 
-    def _add(self, model: str, images: list[str], rows: Any) -> None:
+    def put_texts(self, model: str, prompts: Sequence[str], rows: Any) -> None:
+        """Store a dual encoder's text rows (float32-able ``[len(prompts), D]``), buffered and
+        written as :meth:`put` writes image rows."""
+        block = np.array(rows, dtype=np.float32)
+        if block.ndim != 2 or block.shape[0] != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for text rows of shape {list(block.shape)}")
+        self._add(model, list(prompts), block, "text_embeddings")
+
+    def _add(self, model: str, images: list[str], rows: Any,
+             table: str = "image_embeddings") -> None:
         if images:
-            self._buffer.append((model, images, rows))
+            self._buffer.append((table, model, images, rows))
             self._rows += len(images)
         if self._rows >= self.flush_rows:
             self._submit()
@@ -117,18 +147,21 @@ class EmbeddingStore:
         self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
         self._pending.append(self._writer.submit(self._write_chunks, chunks))
 
-    def _write_chunks(self, chunks: list[tuple[str, list[str], Any]]) -> None:
-        """In the writer thread: the buffered rows as ``(model, image, dim, float32 blob)``."""
-        self._write([(model, image, int(row.shape[0]), row.tobytes())
-                     for model, images, rows in chunks
-                     for image, row in zip(images, rows, strict=True)])
+    def _write_chunks(self, chunks: list[tuple[str, str, list[str], Any]]) -> None:
+        """In the writer thread: the buffered rows as ``(model, key, dim, float32 blob)``, per
+        table, in one transaction."""
+        self._write({table: [(model, key, int(row.shape[0]), row.tobytes())
+                             for t, model, keys, rows in chunks if t == table
+                             for key, row in zip(keys, rows, strict=True)]
+                     for table in dict.fromkeys(t for t, _, _, _ in chunks)})
 
-    def _write(self, items: list[tuple[str, str, int, bytes]]) -> None:
+    def _write(self, items: dict[str, list[tuple[str, str, int, bytes]]]) -> None:
         with self._lock:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.executemany(
-                    "INSERT OR REPLACE INTO image_embeddings VALUES (?, ?, ?, ?)", items)
+                for table, rows in items.items():
+                    self.conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?)",
+                                          rows)
                 self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if self.conn.in_transaction:
@@ -143,12 +176,15 @@ class EmbeddingStore:
         for future in pending:
             future.result()
 
-    def count(self, model: str | None = None) -> int:
+    def count(self, model: str | None = None, table: str = "image_embeddings") -> int:
+        """Stored image rows (``table="text_embeddings"``: text rows), of ``model`` or all."""
         self.flush()
+        if table not in _KEYS:
+            raise ValueError(f"no table {table!r} in an embedding store")
         with self._lock:
             if model is None:
-                return int(self.conn.execute("SELECT COUNT(*) FROM image_embeddings").fetchone()[0])
-            return int(self.conn.execute("SELECT COUNT(*) FROM image_embeddings WHERE model = ?",
+                return int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            return int(self.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE model = ?",
                                          (model,)).fetchone()[0])
 
     def close(self) -> None:

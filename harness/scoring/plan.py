@@ -342,6 +342,21 @@ class ScorePlan:
             if self.stored:
                 kept = {i for i, _ in self.stored}
                 self.todo = [i for i in self.todo if i not in kept]
+        # A dual encoder that hands out its text rows: the stored ones are loaded into it, and
+        # the rows of prompts it encodes are stored after each batch.
+        from harness.types import RewardModel
+
+        self._text_model = model if self.embeddings is not None and \
+            getattr(type(model), "text_rows", None) not in (None, RewardModel.text_rows) else None
+        self._texts_seen: set[str] = set()
+        if self._text_model is not None and (self.todo or self.stored):
+            wanted = list(dict.fromkeys(p for i in [*self.todo, *(i for i, _ in self.stored)]
+                                        for p in self.prompts[i]))
+            found = self.embeddings.get_texts(self.key, wanted)
+            if found:
+                names = list(found)
+                model.load_text_rows(names, np.stack([found[p] for p in names]))
+                self._texts_seen.update(names)
 
     def feature_sink(self, ids: Sequence[int]) -> Any:
         """For the images ``ids`` of one batch: a ``(offset, features)`` callback storing their
@@ -413,7 +428,7 @@ class ScorePlan:
         for i, err in bad:
             if i not in self._accepted:  # a retried task may deliver an image twice
                 self.run.failed[self.paths[i]] = err
-        rows, std_rows = [], []
+        rows, std_rows, scored = [], [], []
         computed = 0
         for i, values in zip(ids, results, strict=True):
             if i in self._accepted:
@@ -426,6 +441,7 @@ class ScorePlan:
             self.run.uncertainty[i] = std
             self._accepted.add(i)
             self.run.failed.pop(self.paths[i], None)
+            scored.append(i)
             computed += len(values)
             if self.cache is not None:  # one item per image, no Python object per score
                 rows.append((self.hashes[i], self.prompts[i], values))
@@ -440,6 +456,20 @@ class ScorePlan:
                 _put_sets(self.cache, std_key(self.key), std_rows)
             _put_sets(self.cache, self.key, rows)
         self.run.computed += computed
+        if self._text_model is not None and scored:
+            self._store_texts(scored)
+
+    def _store_texts(self, ids: list[int]) -> None:
+        """The text rows the model holds for the prompts of images ``ids`` that are not stored
+        yet (a model scoring elsewhere, on Ray, holds none: nothing is stored)."""
+        seen = self._texts_seen
+        new = list(dict.fromkeys(p for i in ids for p in self.prompts[i] if p not in seen))
+        if not new:
+            return
+        seen.update(new)  # asked once: held now, or never (evicted, or encoded elsewhere)
+        held, rows = self._text_model.text_rows(new)
+        if held:
+            self.embeddings.put_texts(self.key, held, rows)
 
     def finish(self) -> ScoreRun:
         self.run.seconds = time.perf_counter() - self.start
