@@ -145,6 +145,9 @@ def check_reward_model(
     - every image mode of :func:`image_modes` (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV, I,
       F, 16-bit greyscale), as the decoder hands it over (:func:`harness.images.as_8bit`), is
       accepted and scores finitely;
+    - a dual encoder (``embedding_kind = "dual"``): one row per image, scores from stored rows
+      (``features_from_embeddings``) equal to fresh ones, and ``text_rows`` (if offered) giving
+      the held prompts' float32 rows;
     - ``files()`` lists existing files.
 
     :returns: the scores (from the first batch size).
@@ -220,9 +223,36 @@ def check_reward_model(
         assert np.isfinite(s).all() and s.shape == expected(len(prompts[0])), (
             f"mode {mode} image: scores {s}"
         )
+    if getattr(cls, "embedding_kind", None) == "dual":
+        _check_dual(model, inputs[0], list(prompts[0]), together)
     for path in model.files():
         assert Path(path).is_file(), f"files() lists {path}, which is not a file"
     return first
+
+
+def _check_dual(model: RewardModel, x: Any, prompts: list[str], expected: np.ndarray) -> None:
+    """A dual encoder: one float32 row per image, stored rows score exactly as fresh features;
+    text rows (when offered) are the held prompts' float32 rows."""
+    from harness.scoring.embeddings import features_to_rows
+
+    rows = features_to_rows(model.embed_images(collate([x])))
+    assert rows.shape[0] == 1, f"embed_images gave {rows.shape[0]} rows for 1 image"
+    stored = _as_arrays(model.score(model.features_from_embeddings(rows.copy()), [prompts]))[0]
+    np.testing.assert_array_equal(
+        stored, expected, err_msg="scores from stored embedding rows (features_from_embeddings) "
+        "differ from scores of fresh features: the embedding store would change the numbers")
+    if getattr(type(model), "text_rows", None) is RewardModel.text_rows:
+        return
+    held, text = model.text_rows(prompts)
+    assert set(held) == set(prompts), (
+        f"text_rows right after scoring {prompts} held {held}: it must give the rows the model "
+        "holds")
+    text = np.asarray(text)
+    assert text.dtype == np.float32 and text.ndim == 2 and len(text) == len(held), (
+        f"text_rows gave {text.dtype} rows of shape {list(text.shape)} for {len(held)} prompts")
+    model.load_text_rows(held, text)  # already held: nothing changes
+    again = _as_arrays(model.score(model.features_from_embeddings(rows.copy()), [prompts]))[0]
+    np.testing.assert_array_equal(again, expected, err_msg="load_text_rows changed the scores")
 
 
 # -- normalizers --------------------------------------------------------------------------------
