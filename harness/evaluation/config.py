@@ -50,7 +50,7 @@ class ScoringSection:
     executor: str = "local"  #: local or ray
     address: str | None = None  #: Ray cluster address
     actors: int = 1  #: Ray model actors
-    gpus_per_actor: float | None = None  #: Ray GPUs per actor; None: 1 if the cluster has GPUs
+    gpus_per_actor: float | None = None  #: Ray GPUs per actor; None: 1 each if there are enough, else shared
     #: every model in one pass over the images (each image decoded once); False: one model at
     #: a time (only one model's weights resident)
     one_pass: bool = True

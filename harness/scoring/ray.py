@@ -54,7 +54,7 @@ class RayOptions:
 
     address: str | None = None
     actors: int = 1
-    gpus_per_actor: float | None = None  #: None: 1 when the cluster has GPUs, else 0
+    gpus_per_actor: float | None = None  #: None: 1 per actor if the cluster has them, else shared
     cpus_per_actor: float = 0.5
     read_cpus: float = 1.0
     factory: Callable[[], Any] | None = None
