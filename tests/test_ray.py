@@ -239,10 +239,56 @@ def test_ray_refuses_what_cannot_run(cluster, ckpt, images, tmp_path):
     other = make_tiny_clip(tmp_path / "clip_b", seed=2)
     specs = [f"clip:checkpoint={ckpt}", f"clip:checkpoint={other},label=clip_b"]
     too_many = RayExecutor(RayOptions(actors=2, gpus_per_actor=1.0))  # 4 GPUs on a 2-GPU cluster
-    with pytest.raises(HarnessError, match=r"need 4 GPUs and the Ray cluster has 2: lower "):
+    with pytest.raises(HarnessError, match=r"need 4 GPU slots and the Ray cluster's 2 GPUs hold "
+                                           r"2: lower --gpus-per-actor 0.5 to share, or --actors"):
         score_models(specs, images[:4], [PROMPTS] * 4, cache=False, executor=too_many)
     import ray_models
 
     one = RayExecutor(RayOptions(factory=ray_models.OffsetColor))
     with pytest.raises(HarnessError, match="builds one reward model, so it cannot score 2"):
         score_models(specs, images[:4], [PROMPTS] * 4, cache=False, executor=one)
+
+
+def test_a_fully_cached_model_gets_no_actor_pool(cluster, ckpt, images, tmp_path):
+    from harness.scoring import score_models
+
+    fresh = make_tiny_clip(tmp_path / "clip_c", seed=3)
+    specs = [f"clip:checkpoint={ckpt}", f"clip:checkpoint={fresh},label=clip_c"]
+    prompts = [["a photo of a boat"]] * 6
+    cache = ScoreCache(tmp_path / "scores.sqlite")
+    score_models(specs[:1], images[:6], prompts, cache=cache)  # the first model: all cached
+    runs = score_models(specs, images[:6], prompts, cache=cache, batch_size=3,
+                        executor=RayExecutor(RayOptions(actors=1, gpus_per_actor=0.5)))
+    a, c = (r.run for r in runs)
+    assert (a.computed, a.cached) == (0, 6) and (c.computed, c.cached) == (6, 0)
+    assert a.executor_info.get("placement", {}) == {}  # no actors were started for it
+    assert len(c.executor_info["placement"]) == 1 and c.executor_info["decoded_images"] == 6
+    cache.close()
+
+
+@pytest.mark.parametrize("models,actors,gpus,have,want", [
+    (3, 1, None, {"GPU": 2, "CPU": 8}, (0.5, 0.5)),  # 0.66 each would leave one unplaced
+    (5, 1, None, {"GPU": 4, "CPU": 8}, (0.5, 0.5)),
+    (4, 1, None, {"GPU": 1, "CPU": 8}, (0.25, 0.5)),
+    (2, 1, None, {"GPU": 2, "CPU": 8}, (1.0, 0.5)),
+    (2, 2, None, {"CPU": 8}, (0.0, 0.5)),
+    (2, 2, 0.5, {"GPU": 2, "CPU": 8}, (0.5, 0.5)),
+    (1, 2, 2.0, {"GPU": 4, "CPU": 8}, (2.0, 0.5)),
+    (4, 1, None, {"GPU": 4, "CPU": 2}, (1.0, 0.25)),  # actors' CPUs leave the reads one
+    (3, 1, 0.6, {"GPU": 2, "CPU": 8}, "hold 2: lower --gpus-per-actor 0.5 to share"),
+    (1, 3, 2.0, {"GPU": 4, "CPU": 8}, "need 3 GPU slots"),
+    (1, 1, 1.5, {"GPU": 4, "CPU": 8}, "must be a whole number"),
+    (64, 1, None, {"CPU": 1.5}, "too few for the read stage"),
+])
+def test_actor_resources(models, actors, gpus, have, want):
+    class FakeRay:
+        @staticmethod
+        def cluster_resources():
+            return have
+
+    executor = RayExecutor(RayOptions(actors=actors, gpus_per_actor=gpus))
+    if isinstance(want, str):
+        with pytest.raises(HarnessError, match=want):
+            executor._resources(FakeRay, models)
+    else:
+        assert executor._resources(FakeRay, models) == want

@@ -11,9 +11,9 @@ A Ray Data pipeline, for one reward model or for every model of a run in one pas
    CPU stage is never starved of cores: actors holding every CPU deadlock the reads). Each stage
    scores its model's rows and drops that model's inputs from the rows it passes on.
 
-With GPUs unset, each actor gets a whole GPU when the cluster has one per actor, else the GPUs
-are shared evenly (four models on one GPU: 0.25 each); actors' CPUs shrink to leave the read
-stage its share. Scores stream back to the driver, which alone writes the score cache through
+With GPUs unset, each actor gets a whole GPU when the cluster has one per actor, else the largest
+share that gives every actor a place on a GPU (four models on one GPU: 0.25 each; three on two:
+0.5); actors' CPUs shrink to leave the read stage its share. Scores stream back to the driver, which alone writes the score cache through
 the same :class:`~harness.scoring.plan.ScorePlan` as the local executor: nothing cached is sent
 to the cluster, every batch is committed as it arrives (a killed driver resumes from the
 cache), and an image delivered twice by a retried task is recorded once. A dual encoder's
@@ -21,7 +21,9 @@ image embeddings come back with its scores and go to the driver's embedding stor
 tasks lost with a node are retried by Ray (``max_restarts``/``max_task_retries``). A model class
 may declare ``ray_runtime_env`` (pip requirements, environment variables) for its actors.
 ``ScoreRun.executor_info`` records the placement of each model's actors, the resources per
-actor and ``decoded_images`` (images the read stage decoded for the run).
+actor and ``decoded_images`` (the rows the read stage delivered: each image any model needed,
+decoded once, a failed decode included; a retried task's rows may count twice). A model with
+nothing left to score gets no actor pool.
 
 Ray is imported only when this executor is used.
 """
@@ -269,51 +271,71 @@ class RayExecutor:
     def _resources(self, ray: Any, pools: int) -> tuple[float, float]:
         """GPUs and CPUs per actor for ``pools`` actor pools of ``options.actors`` actors.
 
-        Unset GPUs: one per actor when the cluster has a GPU per actor, else the cluster's GPUs
-        shared evenly (four models on one GPU get 0.25 each), else none. Set ones that need more
-        GPUs than the cluster has are refused: the pipeline would wait for them forever. CPUs
-        per actor shrink so that the read stage keeps ``read_cpus``: actors holding every CPU
-        deadlock the reads."""
+        Ray places an actor asking for part of a GPU on one GPU with that much free, so GPUs
+        are counted in slots: ``floor(1 / share)`` actors per GPU. Unset GPUs: one per actor
+        when the cluster has a GPU per actor, else the largest share that gives every actor a
+        slot (four models on one GPU: 0.25 each; three on two GPUs: 0.5), else none. Set ones
+        that leave an actor without a slot are refused: the pipeline would wait for it forever.
+        GPUs are counted over the whole cluster, not per node. CPUs per actor shrink so that
+        the read stage keeps ``read_cpus``: actors holding every CPU deadlock the reads."""
+        import math
+
         o = self.options
         total = pools * o.actors
         have = ray.cluster_resources()
         gpus_there, cpus_there = float(have.get("GPU", 0)), float(have.get("CPU", 0))
+        whole = math.floor(gpus_there + 1e-9)  # GPUs a fraction can be placed on
         gpus = o.gpus_per_actor
         if gpus is None:
-            gpus = 1.0 if gpus_there >= total else (gpus_there / total if gpus_there >= 1 else 0.0)
-            gpus = float(np.floor(gpus * 100) / 100)  # a fraction Ray accepts
-            if gpus_there >= 1 and gpus == 0:
+            if whole >= total:
+                gpus = 1.0
+            elif whole >= 1:
+                per_gpu = math.ceil(total / whole)
+                gpus = math.floor(100 / per_gpu) / 100
+                if gpus == 0:
+                    raise HarnessError(
+                        f"{pools} reward model(s) x {o.actors} actor(s) cannot share the cluster's "
+                        f"{whole} GPU(s) (under 0.01 GPU each): lower --actors"
+                    )
+            else:
+                gpus = 0.0
+        elif gpus > 0:
+            if gpus > 1 and gpus != math.floor(gpus):
+                raise HarnessError(f"--gpus-per-actor above 1 must be a whole number of GPUs, "
+                                   f"got {gpus:g}")
+            slots = math.floor(1 / gpus + 1e-9) * whole if gpus <= 1 else \
+                math.floor(whole / gpus)
+            if slots < total:
+                fit = math.floor(100 / math.ceil(total / whole)) / 100 if whole else 0
+                hint = f"--gpus-per-actor {fit:g} to share" if fit else "--actors"
                 raise HarnessError(
-                    f"{pools} reward model(s) x {o.actors} actor(s) cannot share the cluster's "
-                    f"{gpus_there:g} GPU(s) (under 0.01 GPU each): lower --actors"
+                    f"{pools} reward model(s) x {o.actors} actor(s) at {gpus:g} GPU each need "
+                    f"{total} GPU slots and the Ray cluster's {gpus_there:g} GPUs hold {slots}: "
+                    f"lower {hint}, or --actors"
                 )
-        elif gpus * total > gpus_there + 1e-9:
-            raise HarnessError(
-                f"{pools} reward model(s) x {o.actors} actor(s) x {gpus:g} GPU need "
-                f"{gpus * total:g} GPUs and the Ray cluster has {gpus_there:g}: lower "
-                f"--gpus-per-actor (to {gpus_there / total:.2f} to share), or --actors"
-            )
         cpus = o.cpus_per_actor
         budget = cpus_there - o.read_cpus
         if cpus_there and cpus * total > budget:
-            if budget <= 0:
+            if budget < 0.01 * total:
                 raise HarnessError(
                     f"the Ray cluster has {cpus_there:g} CPUs, too few for the read stage "
-                    f"({o.read_cpus:g}) and {total} model actor(s): add CPUs or lower read_cpus"
+                    f"({o.read_cpus:g}) and {total} model actor(s): add CPUs or lower --actors"
                 )
-            cpus = float(np.floor(budget / total * 100) / 100) or 0.01
-        return gpus, cpus
+            cpus = math.floor(budget / total * 100) / 100
+        return float(gpus), float(cpus)
 
     def _run(self, models: list[Any], plans: list[Any], batch_size: int
              ) -> Iterator[tuple[int, list[int], list[np.ndarray], list[tuple[int, str]]]]:
         options = self.options
-        factories = [self._factory(m, p) for m, p in zip(models, plans, strict=True)]
         needs = [set(plan.todo) for plan in plans]
         union = sorted(set().union(*needs))
         if not union:
             return
+        # a model with nothing left to score (all cached) gets no actor pool
+        active = [k for k, need in enumerate(needs) if need]
+        factories = {k: self._factory(models[k], plans[k]) for k in active}
         ray = connect(options)
-        gpus, cpus = self._resources(ray, len(models))
+        gpus, cpus = self._resources(ray, len(active))
         from ray.data import ActorPoolStrategy
 
         envs = [options.runtime_env or getattr(type(m), "ray_runtime_env", None) for m in models]
@@ -328,7 +350,8 @@ class RayExecutor:
         # Actor restarts are not a named map_batches parameter: they go through ray_remote_args.
         remote_args: dict[str, Any] = {"max_restarts": options.max_restarts,
                                        "max_task_retries": options.max_restarts}
-        for k, (factory, env, plan) in enumerate(zip(factories, envs, plans, strict=True)):
+        for k in active:
+            factory, env, plan = factories[k], envs[k], plans[k]
             ds = ds.map_batches(
                 _ModelActor,
                 fn_constructor_kwargs={"factory": factory, "k": k,
@@ -353,7 +376,8 @@ class RayExecutor:
                 rows = [int(i) for i in out["i"]]
                 for plan in plans:
                     plan.run.executor_info["decoded_images"] += len(rows)
-                for k, plan in enumerate(plans):
+                for k in active:
+                    plan = plans[k]
                     placement = plan.run.executor_info["placement"]
                     ids, results, bad, embedded = [], [], [], []
                     for j, i in enumerate(rows):
@@ -380,9 +404,9 @@ class RayExecutor:
             text = str(exc)
             if ("RuntimeEnvSetupError" in name or "RuntimeEnvSetupError" in text
                     or "runtime_env" in text):
-                named = [(p.model_name, e) for p, e in zip(plans, envs, strict=True) if e]
+                named = [(plans[k].model_name, envs[k]) for k in active if envs[k]]
                 which = ", ".join(f"'{n}'" for n, _ in named) or \
-                    ", ".join(f"'{p.model_name}'" for p in plans)
+                    ", ".join(f"'{plans[k].model_name}'" for k in active)
                 shown = json.dumps(named[0][1]) if len(named) == 1 else \
                     json.dumps(dict(named)) if named else "{}"
                 raise HarnessError(

@@ -180,11 +180,13 @@ def score_models(
     read), then one pass over the images reads and decodes each image once and applies every
     needing model's preprocessing to it. Memory: all models are resident together (four CLIP-H
     size models in fp16 are ~8 GB of weights; on Ray, one actor pool per model, sharing the
-    GPUs), and a decoded image's preprocessed inputs for every model sit in one batch.
+    GPUs, and the driver's copies of every model on ``device``), and a decoded image's
+    preprocessed inputs for every model sit in one batch.
     ``one_pass=False`` (``--no-one-pass``), or an executor without ``batches_multi``, loads,
     runs and releases one model at a time, each decoding the images again. Scores are the same
-    either way; in one pass ``ScoreRun.seconds`` is the whole pass's time. A model whose cache key equals an earlier one's (same resolved options) is run after
-    the pass and reads the earlier one's scores from the cache.
+    either way; in one pass ``ScoreRun.seconds`` is the whole pass's time. A model whose cache
+    key equals an earlier one's (same resolved options) is run after the pass and reads the
+    earlier one's scores from the cache.
 
     :param cache: ``True`` the default score cache, a path, a :class:`ScoreCache` (left open),
         or ``False``/``None`` for none. Dual-encoder models keep image embeddings in an
