@@ -132,15 +132,8 @@ def hpsv3_benchmark(args: argparse.Namespace) -> None:
         paths, prompts = workload(tmp / "images", args.images)
         spec = parse_model_spec(f"hpsv3:checkpoint={weights},base={base},batch_size={args.batch_size}")
         model = load_reward_model(spec, device=args.device, dtype=args.dtype)
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         score_images(model, paths[:2], prompts[:2], batch_size=2)  # warm-up
-
-        def timed(fn):
-            sync()
-            t0 = time.perf_counter()
-            result = fn()
-            sync()
-            return time.perf_counter() - t0, result
+        timed = timer(args.device)
 
         def naive(paths, prompts):  # the original's way: every pair from the image up, in full
             from PIL import Image
@@ -206,6 +199,25 @@ def build_checkpoint(path: Path, arch: str) -> Path:
     size = spec["vision"]["image_size"]
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
     return path
+
+
+def timer(device: str, before=None):
+    """``timed(fn) -> (seconds, fn())``, synchronising CUDA around the call on a GPU and calling
+    ``before()`` (e.g. clearing a text cache) first."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn):
+        if before is not None:
+            before()
+        sync()
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        return time.perf_counter() - t0, result
+
+    return timed
 
 
 def workload(root: Path, n_images: int, per_prompt: int = 16, n_contrastive: int = 15):
@@ -334,15 +346,8 @@ def vqascore_benchmark(args: argparse.Namespace) -> None:
         spec = parse_model_spec(f"vqascore:checkpoint={ckpt},pair_batch_size={args.pair_batch_size}")
         model = load_reward_model(spec, device=args.device, dtype=args.dtype)
         params = sum(p.numel() for p in model.model.parameters())
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         score_images(model, paths[:2], prompts[:2], batch_size=2)  # warm-up
-
-        def timed(fn):
-            sync()
-            t0 = time.perf_counter()
-            result = fn()
-            sync()
-            return time.perf_counter() - t0, result
+        timed = timer(args.device)
 
         runs = [timed(lambda: score_images(model, paths, prompts, spec=spec, batch_size=args.batch_size,
                                            executor=LocalExecutor(num_workers=args.workers)))
@@ -446,19 +451,11 @@ def main() -> None:
         paths, prompts = workload(tmp / "images", args.images)
         spec = parse_model_spec(f"{ARCHS[args.arch].get('plugin', 'clip')}:checkpoint={ckpt}")
         model = load_reward_model(spec, device=args.device, dtype=args.dtype)
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
         # Warm-up (first-call allocations, kernel selection, text cache not reused across runs).
         score_images(model, paths[:4], prompts[:4], batch_size=4)
         bare_batched(model, paths[:4], prompts[:4], 4)
-
-        def timed(fn):
-            model._text.clear()
-            sync()
-            t0 = time.perf_counter()
-            result = fn()
-            sync()
-            return time.perf_counter() - t0, result
+        timed = timer(args.device, before=model._text.clear)
 
         engine_runs, bare_runs = [], []
         for _ in range(args.repeat):  # interleaved, so both see the same machine load

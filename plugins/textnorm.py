@@ -144,11 +144,9 @@ class MeanEnsemble(_Calibrated):
         return confidences.mean(axis=0)
 
 
-class UREnsemble(_Calibrated):
-    """Mean minus ``lam`` times the standard deviation across models of TextNorm confidences."""
+class _Penalised(_Calibrated):
+    """TextNorm confidences less ``lam`` (>= 0) times a spread: UR and ur_self."""
 
-    id: ClassVar[str] = "ur"
-    min_models: ClassVar[int] = 2
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
         *_Calibrated.hyperparameters,
         Hyperparameter("lam", LAMBDAS, default=0.5, simplest=0.0),
@@ -158,6 +156,13 @@ class UREnsemble(_Calibrated):
         super().__init__(**values)
         if self.value("lam") < 0:
             raise HarnessError(f"lambda must be >= 0, got {self.value('lam')}")
+
+
+class UREnsemble(_Penalised):
+    """Mean minus ``lam`` times the standard deviation across models of TextNorm confidences."""
+
+    id: ClassVar[str] = "ur"
+    min_models: ClassVar[int] = 2
 
     def reduce(self, confidences: np.ndarray) -> np.ndarray:
         return confidences.mean(axis=0) - self.value("lam") * confidences.std(axis=0)
@@ -189,7 +194,7 @@ def confidence_std(raw: np.ndarray, sigma: np.ndarray, column_mask: np.ndarray,
     return c, np.minimum(abs(scale) * c * np.sqrt(var), 0.5)
 
 
-class URSelf(_Calibrated):
+class URSelf(_Penalised):
     """UR with each model's own uncertainty: ``mean_m c_m - lam * mean_m u_m``.
 
     ``c_m``: model ``m``'s TextNorm confidence; ``u_m``: its standard deviation implied by the
@@ -199,15 +204,6 @@ class URSelf(_Calibrated):
 
     id: ClassVar[str] = "ur_self"
     uses_uncertainty: ClassVar[bool] = True
-    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
-        *_Calibrated.hyperparameters,
-        Hyperparameter("lam", LAMBDAS, default=0.5, simplest=0.0),
-    )
-
-    def __init__(self, **values: Any):
-        super().__init__(**values)
-        if self.value("lam") < 0:
-            raise HarnessError(f"lambda must be >= 0, got {self.value('lam')}")
 
     def compute(self, scores: Mapping[str, np.ndarray], column_mask: np.ndarray,
                 image_mask: np.ndarray, uncertainty: Mapping[str, np.ndarray] | None = None

@@ -30,12 +30,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from harness.errors import HarnessError
 
 hp = pytest.importorskip("harness_plugins.hpsv2")
 import tiny_models  # noqa: E402
+from tiny_models import random_image  # noqa: E402
 
 HPSV2_PACKAGE = "hpsv2==1.2.0"
 FTFY = ("ftfy==6.3.1", "wcwidth==0.2.13")
@@ -192,11 +192,6 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(ckpt):
     return hp.HPSv2(str(ckpt), batch_size=2)
-
-
-def random_image(seed, width, height):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -279,6 +279,7 @@ def test_a_fully_cached_model_gets_no_actor_pool(cluster, ckpt, images, tmp_path
     (1, 3, 2.0, {"GPU": 4, "CPU": 8}, "need 3 GPU slots"),
     (1, 1, 1.5, {"GPU": 4, "CPU": 8}, "must be a whole number"),
     (64, 1, None, {"CPU": 1.5}, "too few for the read stage"),
+    (2, 1, 0.5, {"CPU": 8}, "GPUs hold 0: set --gpus-per-actor 0 to run the actors on CPUs"),
 ])
 def test_actor_resources(models, actors, gpus, have, want):
     class FakeRay:

@@ -29,12 +29,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from harness.errors import HarnessError
 
 vq = pytest.importorskip("harness_plugins.vqascore")
 import tiny_models  # noqa: E402
+from tiny_models import random_image  # noqa: E402
 
 T2V_METRICS = "t2v_metrics==3.0"
 QWEN_VL_UTILS = "qwen-vl-utils==0.0.14"
@@ -157,11 +157,6 @@ def original_scores(upstream, paths, prompt, question):
 @pytest.fixture(scope="module")
 def model(ckpt):
     return vq.VQAScore(str(ckpt), pair_batch_size=3)
-
-
-def random_image(seed, width, height):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

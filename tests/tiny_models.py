@@ -119,6 +119,15 @@ def make_tiny_clip(path: Path, seed: int = 0, image_size: int = 32, logit_scale:
     return path
 
 
+def random_image(seed: int, width: int, height: int):
+    """A random RGB PIL image of ``width`` x ``height`` from ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 def make_image_folder(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (40, 48)) -> list[Path]:
     """``n`` random RGB JPEGs (distinct content) in ``root``."""
     import numpy as np

@@ -41,13 +41,12 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.images import DECODER_VERSION
-from harness.types import ImageFailure
+from harness.types import ImageFailure, RewardModel
 
 if TYPE_CHECKING:
     from harness.scoring.cache import ScoreCache
     from harness.scoring.embeddings import EmbeddingStore
     from harness.scoring.specs import ModelSpec
-    from harness.types import RewardModel
 
 #: Spec options that never reach the key: the row's name, and the dtype (keyed on its own).
 _NOT_OPTIONS = frozenset({"label", "device", "dtype"})
@@ -344,8 +343,6 @@ class ScorePlan:
                 self.todo = [i for i in self.todo if i not in kept]
         # A dual encoder that hands out its text rows: the stored ones are loaded into it, and
         # the rows of prompts it encodes are stored after each batch.
-        from harness.types import RewardModel
-
         self._text_model = model if self.embeddings is not None and \
             getattr(type(model), "text_rows", None) not in (None, RewardModel.text_rows) else None
         self._texts_seen: set[str] = set()

@@ -307,11 +307,12 @@ class RayExecutor:
                 math.floor(whole / gpus)
             if slots < total:
                 fit = math.floor(100 / math.ceil(total / whole)) / 100 if whole else 0
-                hint = f"--gpus-per-actor {fit:g} to share" if fit else "--actors"
+                fix = (f"lower --gpus-per-actor {fit:g} to share, or --actors" if fit else
+                       "set --gpus-per-actor 0 to run the actors on CPUs, or add GPUs")
                 raise HarnessError(
                     f"{pools} reward model(s) x {o.actors} actor(s) at {gpus:g} GPU each need "
                     f"{total} GPU slots and the Ray cluster's {gpus_there:g} GPUs hold {slots}: "
-                    f"lower {hint}, or --actors"
+                    f"{fix}"
                 )
         cpus = o.cpus_per_actor
         budget = cpus_there - o.read_cpus
